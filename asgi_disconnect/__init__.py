@@ -1,0 +1,17 @@
+"""Make HTTP client disconnects visible and safe in any ASGI application."""
+
+from ._exceptions import ClientDisconnected
+from ._middleware import SCOPE_KEY, DisconnectMiddleware, disconnect_state
+from ._state import DisconnectState, Phase
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SCOPE_KEY",
+    "ClientDisconnected",
+    "DisconnectMiddleware",
+    "DisconnectState",
+    "Phase",
+    "__version__",
+    "disconnect_state",
+]

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from typing import Literal
+
+import anyio
+
+#: Where a disconnect happened: before the app started its response, or mid-body.
+Phase = Literal["before_response", "mid_body"]
+
+
+class DisconnectState:
+    """Disconnect state of one HTTP request, shared through ``scope[SCOPE_KEY]``.
+
+    Frameworks copy the scope dict, so this object (not a bool) is what every copy
+    holds: a flag set by the middleware is seen by every layer of the app.
+    """
+
+    __slots__ = ("_event", "bytes_sent", "cancel", "detected_at", "disconnected", "phase", "started_at")
+
+    def __init__(self, started_at: float, cancel: bool = False) -> None:
+        #: True once the client went away before the response was complete.
+        self.disconnected = False
+        #: ``"before_response"`` or ``"mid_body"`` once ``disconnected`` is true.
+        self.phase: Phase | None = None
+        #: ``time.monotonic()`` when the middleware learnt of the disconnect.
+        self.detected_at: float | None = None
+        #: ``time.monotonic()`` when the middleware received the request.
+        self.started_at = started_at
+        #: Response body bytes the server accepted from the app.
+        self.bytes_sent = 0
+        #: Whether the handler should be cancelled on an early disconnect; read at the
+        #: moment of the disconnect, so a handler may change it while it runs.
+        self.cancel = cancel
+        self._event: anyio.Event | None = None
+
+    async def wait(self) -> None:
+        """Return once the client has gone away (at once if it already has)."""
+        if self.disconnected:
+            return
+        if self._event is None:
+            # Created on first use only: most requests never wait.
+            self._event = anyio.Event()
+        await self._event.wait()
+
+    def _mark(self, phase: Phase, now: float) -> None:
+        self.disconnected = True
+        self.phase = phase
+        self.detected_at = now
+        if self._event is not None:
+            self._event.set()
+
+    def __repr__(self) -> str:
+        if not self.disconnected:
+            return f"<DisconnectState connected bytes_sent={self.bytes_sent}>"
+        return f"<DisconnectState disconnected phase={self.phase} bytes_sent={self.bytes_sent}>"
