@@ -248,6 +248,7 @@ class _Cycle(DisconnectState):
         except OSError as exc:
             # An ASGI 2.4 server (or a broken transport) says the client is gone.
             self._complete = False
+            self._started = self._started and kind != "http.response.start"
             self._disconnected()
             raise ClientDisconnected(f"client disconnected ({self.phase}): {exc}") from exc
         if kind == "http.response.body":
@@ -316,8 +317,10 @@ class DisconnectMiddleware:
         cycle = _Cycle(scope, receive, send, self.max_read_ahead, self.cancel)
         app_scope = {**scope, SCOPE_KEY: cycle}
         try:
-            loop = asyncio.get_running_loop()
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
+            loop = None  # not asyncio (trio); handled outside this block to keep tracebacks clean
+        if loop is None:
             await self._call_in_task_group(cycle, app_scope)
         else:
             # A task per request costs more than this middleware's whole budget, so
