@@ -1,5 +1,6 @@
 """Make HTTP client disconnects visible and safe in any ASGI application."""
 
+from ._cancel import shield
 from ._exceptions import ClientDisconnected
 from ._middleware import SCOPE_KEY, DisconnectMiddleware, disconnect_state
 from ._state import DisconnectState, Phase
@@ -14,4 +15,5 @@ __all__ = [
     "Phase",
     "__version__",
     "disconnect_state",
+    "shield",
 ]

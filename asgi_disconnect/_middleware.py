@@ -5,12 +5,14 @@ import inspect
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
+import anyio.abc
 import structlog
 
+from ._cancel import anyio_shielded
 from ._exceptions import ClientDisconnected
 from ._state import DisconnectState, Phase
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -48,10 +50,12 @@ def disconnect_state(scope: Scope) -> DisconnectState:
         ) from None
 
 
-def _is_disconnect_error(exc: BaseException) -> bool:
+def _is_disconnect_error(exc: BaseException, cancelled_ok: bool = False) -> bool:
     """True for the errors a client that left produces, however a framework wraps them."""
     if isinstance(exc, BaseExceptionGroup):
-        return all(_is_disconnect_error(e) for e in exc.exceptions)
+        return all(_is_disconnect_error(e, cancelled_ok) for e in exc.exceptions)
+    if cancelled_ok and isinstance(exc, asyncio.CancelledError):
+        return True
     seen = 0
     current: BaseException | None = exc
     # Litestar and others re-raise as their own error: follow the chain, a bounded walk.
@@ -80,13 +84,18 @@ class _Cycle(DisconnectState):
 
     __slots__ = (
         "_app_read",
+        "_app_scope",
+        "_app_told",
+        "_app_waiting",
         "_body_complete",
         "_buffer",
         "_buffered",
+        "_cancel_handle",
+        "_cancels",
         "_closed",
         "_complete",
         "_error",
-        "_max_read_ahead",
+        "_mw",
         "_read_ahead_ok",
         "_reading",
         "_receive",
@@ -94,24 +103,31 @@ class _Cycle(DisconnectState):
         "_send",
         "_started",
         "_stopped",
+        "_task",
+        "_tg",
         "_tick",
         "_trailers",
+        "_warn_handle",
         "_watcher",
     )
 
-    def __init__(self, scope: Scope, receive: Receive, send: Send, max_read_ahead: int, cancel: bool) -> None:
+    def __init__(
+        self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send, task: asyncio.Task[Any] | None
+    ) -> None:
         # DisconnectState.__init__ inlined: a call costs a quarter of this constructor.
         self.disconnected = False
         self.phase: Phase | None = None
         self.detected_at: float | None = None
         self.started_at = time.monotonic()
         self.bytes_sent = 0
-        self.cancel = cancel
+        self.cancel = mw.cancel and not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
+        self.cancelled = False
         self._event = None
+        self._mw = mw
+        self._task = task  # asyncio: the request's task, the target of a cancellation
         self._scope = scope  # the server's scope, never the copy that holds the state
         self._receive = receive
         self._send = send
-        self._max_read_ahead = max_read_ahead
         self._app_read = False  # the app has called receive() itself
         self._body_complete = False  # the server delivered the last http.request
         self._reading = False  # a server receive() is in flight
@@ -126,14 +142,23 @@ class _Cycle(DisconnectState):
         self._watcher: asyncio.Task[None] | anyio.CancelScope | None = None
         self._read_ahead_ok: bool | None = None  # computed from the headers on first need
         self._error: Exception | None = None
+        self._app_told = False  # the app itself received http.disconnect: it was told
+        self._app_waiting = 0  # app calls blocked in receive(): they are told at once
+        self._cancel_handle: asyncio.Handle | None = None  # grace timer, then delivery
+        self._warn_handle: asyncio.Handle | None = None
+        self._cancels = 0  # Task.cancel() calls made, to uncancel() at the end
+        self._app_scope: anyio.CancelScope | None = None  # trio: the app's cancel scope
+        self._tg: anyio.abc.TaskGroup | None = None  # trio: where the helpers run
 
     # -- receive side ------------------------------------------------------------
 
     async def _app_receive(self) -> Message:
         self._app_read = True
         while True:
-            if self.disconnected:
-                return _DISCONNECT  # a truncated body is of no use: the disconnect wins
+            if self.disconnected or (self._closed and not self._buffer):
+                # A truncated body is of no use: the disconnect wins over unread chunks.
+                self._app_told = True
+                return _DISCONNECT
             if self._buffer:
                 message = self._buffer.popleft()
                 self._buffered -= len(message.get("body", b""))
@@ -141,11 +166,16 @@ class _Cycle(DisconnectState):
                 return message
             if self._error is not None:
                 raise self._error  # the server's receive() failed in the watcher
-            if self._closed:
-                return _DISCONNECT
-            if not self._reading:
-                return await self._read()
-            await self._wait_tick()
+            self._app_waiting += 1
+            try:
+                if not self._reading:
+                    message = await self._read()
+                    if message["type"] == "http.disconnect":
+                        self._app_told = True
+                    return message
+                await self._wait_tick()
+            finally:
+                self._app_waiting -= 1
 
     async def _read(self) -> Message:
         self._reading = True
@@ -180,7 +210,7 @@ class _Cycle(DisconnectState):
             return False  # the app is consuming the body: it alone decides how much is read
         if self._read_ahead_ok is None:
             self._read_ahead_ok = self._may_read_ahead()
-        return self._read_ahead_ok and (self._buffered < self._max_read_ahead or not self._buffer)
+        return self._read_ahead_ok and (self._buffered < self._mw.max_read_ahead or not self._buffer)
 
     def _may_read_ahead(self) -> bool:
         has_body = self._scope.get("http_version", "1.1") not in ("1.0", "1.1")  # h2/h3: unknown
@@ -192,7 +222,7 @@ class _Cycle(DisconnectState):
             elif name == b"transfer-encoding":
                 has_body = True
         # A bodiless request's one empty message costs nothing to hold, whatever the limit.
-        return self._max_read_ahead > 0 or not has_body
+        return self._mw.max_read_ahead > 0 or not has_body
 
     async def _watch(self) -> None:
         """Read the channel while the app runs, until the disconnect or the response ends."""
@@ -219,11 +249,6 @@ class _Cycle(DisconnectState):
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._stopped:
             self._watcher = loop.create_task(self._watch())
-
-    def _stop_watcher(self) -> None:
-        self._stopped = True
-        if self._watcher is not None:
-            self._watcher.cancel()
 
     # -- send side ---------------------------------------------------------------
 
@@ -268,6 +293,77 @@ class _Cycle(DisconnectState):
             return  # after the whole response: a normal close, not an abort
         phase: Phase = "mid_body" if self._started else "before_response"
         self._mark(phase, time.monotonic())
+        if self.cancel:  # the policy as it stands at the moment of the disconnect
+            if self._task is not None:
+                self._cancel_handle = self._task.get_loop().call_later(self._mw.grace, self._begin_cancel)
+            elif self._tg is not None:
+                self._tg.start_soon(self._cancel_after_grace)
+
+    # -- cancellation ------------------------------------------------------------
+
+    def _should_cancel(self) -> bool:
+        # An app that was told through the protocol (it received http.disconnect, or is
+        # waiting in receive() for it) stops by itself, and its own cleanup must run:
+        # Starlette's StreamingResponse stops the stream, then runs its background task.
+        return not self._stopped and not self._app_told and not self._app_waiting
+
+    def _begin_cancel(self) -> None:
+        self._cancel_handle = None
+        if self._should_cancel():
+            assert self._task is not None
+            self.cancelled = True
+            self._warn_handle = self._task.get_loop().call_later(self._mw.cancel_warn_after, self._warn_stuck)
+            self._deliver()
+
+    def _deliver(self) -> None:
+        # Level-triggered like anyio's own cancel scopes: the handler is cancelled at
+        # every await until it returns, except inside a shielded anyio scope (shield(),
+        # thread pool calls), where it waits for the scope to end.
+        task = self._task
+        assert task is not None
+        loop = task.get_loop()
+        if self._stopped:
+            return
+        if anyio_shielded(task):
+            self._cancel_handle = loop.call_later(0.001, self._deliver)
+            return
+        waiter = task._fut_waiter  # type: ignore[attr-defined]
+        if not task._must_cancel and (waiter is None or not waiter.done()):  # type: ignore[attr-defined]
+            task.cancel("client disconnected")
+            self._cancels += 1
+        self._cancel_handle = loop.call_soon(self._deliver)
+
+    async def _cancel_after_grace(self) -> None:
+        # trio (any non-asyncio loop): an anyio cancel scope around the app does it all.
+        await anyio.sleep(self._mw.grace)
+        if self._should_cancel() and self._app_scope is not None:
+            self.cancelled = True
+            self._app_scope.cancel()
+            await anyio.sleep(self._mw.cancel_warn_after)
+            self._warn_stuck()
+
+    def _warn_stuck(self) -> None:
+        if not self._stopped:
+            logger.warning(
+                "handler still running after cancellation",
+                method=self._scope.get("method"),
+                path=self._scope.get("path"),
+                seconds=self._mw.cancel_warn_after,
+                hint=(
+                    "it swallows cancellation (catches CancelledError or BaseException), "
+                    "runs blocking or CPU-bound code in the event loop, or waits for a thread"
+                ),
+            )
+
+    def _finish(self) -> None:
+        """The app returned: stop the watcher and every pending timer."""
+        self._stopped = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._cancel_handle is not None:
+            self._cancel_handle.cancel()
+        if self._warn_handle is not None:
+            self._warn_handle.cancel()
 
 
 class DisconnectMiddleware:
@@ -295,18 +391,26 @@ class DisconnectMiddleware:
         grace: float = 0.0,
         on_disconnect: DisconnectHook | None = None,
         max_read_ahead: int = 64 * 1024,
+        cancel_exclude: Sequence[str] = (),
+        cancel_warn_after: float = 5.0,
     ) -> None:
         if max_read_ahead < 0:
             raise ValueError(f"max_read_ahead must be >= 0 bytes, got {max_read_ahead!r}")
         if grace < 0:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
+        if cancel_warn_after <= 0:
+            raise ValueError(f"cancel_warn_after must be > 0 seconds, got {cancel_warn_after!r}")
+        if isinstance(cancel_exclude, str):
+            raise TypeError(f"cancel_exclude takes a sequence of path prefixes, got the string {cancel_exclude!r}")
         self.app = app
         self.cancel = cancel
         self.grace = grace
         self.on_disconnect = on_disconnect
         self.max_read_ahead = max_read_ahead
-        # Requests that started in the current event loop iteration, per loop: see
-        # _watch_if_suspended. Scheduling state, not request state.
+        self.cancel_exclude = tuple(cancel_exclude)
+        self.cancel_warn_after = cancel_warn_after
+        # Requests that started in the current event loop iteration, per loop (see
+        # __call__): scheduling state, not request state.
         self._batches: dict[asyncio.AbstractEventLoop, list[_Cycle]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -314,15 +418,16 @@ class DisconnectMiddleware:
             await self.app(scope, receive, send)
             return
 
-        cycle = _Cycle(scope, receive, send, self.max_read_ahead, self.cancel)
-        app_scope = {**scope, SCOPE_KEY: cycle}
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None  # not asyncio (trio); handled outside this block to keep tracebacks clean
         if loop is None:
-            await self._call_in_task_group(cycle, app_scope)
+            cycle = _Cycle(self, scope, receive, send, None)
+            await self._call_in_task_group(cycle, {**scope, SCOPE_KEY: cycle})
         else:
+            task = asyncio.current_task()
+            cycle = _Cycle(self, scope, receive, send, task)
             # A task per request costs more than this middleware's whole budget, so
             # watchers start from one callback per loop iteration, for the requests
             # still running by then: an app that answers without suspending never
@@ -333,16 +438,27 @@ class DisconnectMiddleware:
                 loop.call_soon(self._start_watchers, loop)
             batch.append(cycle)
             try:
-                await self.app(app_scope, cycle._app_receive, cycle._app_send)
+                await self.app({**scope, SCOPE_KEY: cycle}, cycle._app_receive, cycle._app_send)
             except BaseException as exc:
-                if not (cycle.disconnected and _is_disconnect_error(exc)):
+                if not (cycle.disconnected and self._absorbs(cycle, exc)):
                     raise
             finally:
-                cycle._stopped = True
-                if cycle._watcher is not None:
-                    cycle._watcher.cancel()
+                cycle._finish()
+                if cycle._cancels and task is not None and sys.version_info >= (3, 11):
+                    for _ in range(cycle._cancels):
+                        task.uncancel()
         if cycle.disconnected:
             await self._report(scope, cycle)
+
+    @staticmethod
+    def _absorbs(cycle: _Cycle, exc: BaseException) -> bool:
+        if not cycle._cancels:
+            return _is_disconnect_error(exc)
+        # Our own cancellation escaping the app is absorbed, unless someone else asked
+        # for a cancellation too (the server shutting down): that one must propagate.
+        task = cycle._task
+        external = sys.version_info >= (3, 11) and task is not None and task.cancelling() > cycle._cancels
+        return not external and _is_disconnect_error(exc, cancelled_ok=True)
 
     def _start_watchers(self, loop: asyncio.AbstractEventLoop) -> None:
         for cycle in self._batches.pop(loop):
@@ -351,17 +467,21 @@ class DisconnectMiddleware:
             del self._batches[stale]  # a loop that closed before its callback ran
 
     async def _call_in_task_group(self, cycle: _Cycle, app_scope: Scope) -> None:
-        # Other event loops (trio): structured concurrency the plain way.
+        # Other event loops (trio): structured concurrency the plain way, with the app
+        # in a cancel scope of its own.
         error: Exception | None = None
         async with anyio.create_task_group() as tg:
+            cycle._tg = tg
             tg.start_soon(cycle._watch_in_scope)
             try:
-                await self.app(app_scope, cycle._app_receive, cycle._app_send)
+                with anyio.CancelScope() as cycle._app_scope:
+                    await self.app(app_scope, cycle._app_receive, cycle._app_send)
             except Exception as exc:
                 # Raised outside the task group, so it is not wrapped in an ExceptionGroup.
                 error = exc
             finally:
-                cycle._stop_watcher()
+                cycle._finish()
+                tg.cancel_scope.cancel()  # the watcher and the grace timer, nothing else is left
         if error is not None and not (cycle.disconnected and _is_disconnect_error(error)):
             try:
                 raise error
@@ -377,7 +497,7 @@ class DisconnectMiddleware:
             phase=state.phase,
             elapsed_ms=round((detected - state.started_at) * 1000, 3),
             bytes_sent=state.bytes_sent,
-            cancelled=False,
+            cancelled=state.cancelled,
         )
         if self.on_disconnect is None:
             return

@@ -15,7 +15,7 @@ class DisconnectState:
     holds: a flag set by the middleware is seen by every layer of the app.
     """
 
-    __slots__ = ("_event", "bytes_sent", "cancel", "detected_at", "disconnected", "phase", "started_at")
+    __slots__ = ("_event", "bytes_sent", "cancel", "cancelled", "detected_at", "disconnected", "phase", "started_at")
 
     def __init__(self, started_at: float, cancel: bool = False) -> None:
         #: True once the client went away before the response was complete.
@@ -31,6 +31,8 @@ class DisconnectState:
         #: Whether the handler should be cancelled on an early disconnect; read at the
         #: moment of the disconnect, so a handler may change it while it runs.
         self.cancel = cancel
+        #: True once the middleware cancelled the handler.
+        self.cancelled = False
         self._event: anyio.Event | None = None
 
     async def wait(self) -> None:
@@ -52,4 +54,7 @@ class DisconnectState:
     def __repr__(self) -> str:
         if not self.disconnected:
             return f"<DisconnectState connected bytes_sent={self.bytes_sent}>"
-        return f"<DisconnectState disconnected phase={self.phase} bytes_sent={self.bytes_sent}>"
+        return (
+            f"<DisconnectState disconnected phase={self.phase} bytes_sent={self.bytes_sent}"
+            f"{' cancelled' if self.cancelled else ''}>"
+        )
