@@ -1,0 +1,754 @@
+"""Per-request overhead of ``DisconnectMiddleware`` on a Starlette hello world.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/overhead.py            # full run, about 2-3 minutes
+    .venv/bin/python benchmarks/overhead.py --quick    # smoke run, about 20 seconds
+
+Other options: ``--no-server``, ``--no-inprocess``, ``--python-loadgen`` (skip ``wrk``),
+``--rounds``, ``--duration``, ``--connections``; see ``--help``. Results go to stdout
+and to ``benchmarks/results/overhead.{json,md}``. The script reports against the budgets
+of ``DESIGN.md`` but never fails on them: it exits 0 whenever the measurement ran.
+
+Method
+------
+The machine this runs on is assumed to be noisy (shared VM, a single timing may be off
+by 30%), so no number is ever compared with one taken at another time: every variant is
+measured in many short rounds, the variants alternate inside each round (their order
+rotates from round to round), and each variant is compared with the bare app *of the
+same round*. The reported ratio is the median of those per-round ratios, which cancels
+slow drifts (another tenant, CPU frequency) and ignores the rounds a burst hit.
+
+A. In process, no server. Each variant (``bare``: ``Starlette(routes=[Route("/",
+   hello)])``; ``observe``: ``DisconnectMiddleware(app)``; ``cancel``:
+   ``DisconnectMiddleware(app, cancel=True)``; ``basehttp``: a no-op
+   ``BaseHTTPMiddleware``, for scale) is awaited directly in one asyncio loop with a
+   fresh copy of a fixed uvicorn-like HTTP scope, a receive that returns the request
+   once and then blocks forever, and a no-op send. A round is ``--requests`` requests
+   back to back per variant, timed with ``perf_counter_ns`` after a ``gc.collect()``;
+   between variants the loop runs once (``await asyncio.sleep(0)``) so callbacks a
+   variant deferred run, outside the timing, as they would in a server.
+
+   A second table ("one loop iteration per request") yields to the loop after *every*
+   request, inside the timing, as a server does between requests. It charges each
+   request with any deferred callback it schedules, which the first table amortizes
+   over a whole round. Both tables are held to the in-process budget.
+
+B. Real server. One ``uvicorn`` subprocess per variant (``--http httptools
+   --no-access-log --workers 1 --lifespan off``, apps from ``benchmarks/apps.py``) on
+   127.0.0.1, all started once up front and killed by PID at the end. Each round loads
+   every variant for ``--duration`` seconds in rotated order with ``wrk`` (one thread,
+   ``--connections`` keep-alive connections) or, without ``wrk`` on PATH, a pure-Python
+   asyncio load generator (keep-alive connections sending ``GET / HTTP/1.1`` and reading
+   Content-Length responses). Reported: median requests/s, the median per-round ratio to
+   bare (the budget: at most 5% lower) and the server process's CPU time per request
+   (from ``/proc``), which stays meaningful even if the load generator, not the server,
+   is the bottleneck; the server's CPU utilization column tells which one was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import apps  # noqa: E402  (needs BENCH_DIR on sys.path when not run as a script)
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+INPROCESS_BUDGET = 1.25  # at most 1.25x the bare app per request
+SERVER_BUDGET_LOSS = 0.05  # at most 5% fewer requests/s than the bare app
+# "bare2" is a second, identical bare app: an A/A control whose ratio to bare shows how
+# much of a difference the noise alone produces in this run.
+INPROCESS_VARIANTS = ("bare", "bare2", "observe", "cancel", "basehttp")
+SERVER_VARIANTS = ("bare", "bare2", "observe", "cancel")
+APP_NAMES = {"bare2": "bare"}  # variant -> name in benchmarks/apps.py
+BUDGETED = ("observe", "cancel")
+
+SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.3"},
+    "http_version": "1.1",
+    "server": ("127.0.0.1", 8000),
+    "client": ("127.0.0.1", 54321),
+    "scheme": "http",
+    "root_path": "",
+    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"overhead.py"), (b"accept", b"*/*")],
+    "method": "GET",
+    "path": "/",
+    "raw_path": b"/",
+    "query_string": b"",
+}
+REQUEST_MESSAGE: dict[str, Any] = {"type": "http.request", "body": b"", "more_body": False}
+
+
+# -- statistics ----------------------------------------------------------------------
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (0 <= q <= 1) of a non-empty sequence."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+@dataclass
+class Series:
+    """One variant's per-round measurements and its per-round ratios to bare."""
+
+    values: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        out = {
+            "median": statistics.median(self.values),
+            "min": min(self.values),
+            "max": max(self.values),
+            "p25": quantile(self.values, 0.25),
+            "p75": quantile(self.values, 0.75),
+        }
+        if self.ratios:
+            out |= {
+                "ratio_median": statistics.median(self.ratios),
+                "ratio_p25": quantile(self.ratios, 0.25),
+                "ratio_p75": quantile(self.ratios, 0.75),
+            }
+        return out
+
+
+def rotated(items: Sequence[str], offset: int) -> list[str]:
+    k = offset % len(items)
+    return [*items[k:], *items[:k]]
+
+
+# -- A. in process -------------------------------------------------------------------
+
+
+class FakeReceive:
+    """Returns the (bodiless) request once, then blocks forever, like a quiet client."""
+
+    __slots__ = ("_never", "_sent")
+
+    def __init__(self, never: asyncio.Event) -> None:
+        self._never = never
+        self._sent = False
+
+    async def __call__(self) -> Message:
+        if not self._sent:
+            self._sent = True
+            return dict(REQUEST_MESSAGE)
+        await self._never.wait()  # never set: only a cancellation ends this
+        raise AssertionError("the never-set event was set")
+
+
+async def noop_send(message: Message) -> None:
+    return None
+
+
+async def check_app(name: str, app: App, never: asyncio.Event) -> None:
+    """One request with a recording send: the variant must answer the hello world."""
+    sent: list[Message] = []
+
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    await app({**SCOPE, "state": {}}, FakeReceive(never), record)
+    await asyncio.sleep(0)
+    status = sent[0].get("status") if sent else None
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    if status != 200 or body != apps.BODY:
+        raise RuntimeError(f"in-process variant {name!r} answered {status} {body!r}, not 200 {apps.BODY!r}")
+
+
+async def time_round(app: App, requests: int, never: asyncio.Event, yield_each: bool) -> float:
+    """Run ``requests`` requests back to back; return microseconds per request."""
+    scope = SCOPE
+    send = noop_send
+    sleep = asyncio.sleep
+    start = time.perf_counter_ns()
+    if yield_each:
+        for _ in range(requests):
+            await app({**scope, "state": {}}, FakeReceive(never), send)
+            await sleep(0)
+    else:
+        for _ in range(requests):
+            await app({**scope, "state": {}}, FakeReceive(never), send)
+    elapsed = time.perf_counter_ns() - start
+    return elapsed / requests / 1000
+
+
+async def run_inprocess_async(rounds: int, warmup: int, requests: int, yield_each: bool) -> dict[str, Series]:
+    never = asyncio.Event()
+    variants: dict[str, App] = {name: apps.FACTORIES[APP_NAMES.get(name, name)]() for name in INPROCESS_VARIANTS}
+    for name, app in variants.items():
+        await check_app(name, app, never)
+    series = {name: Series() for name in variants}
+    for index in range(warmup + rounds):
+        times: dict[str, float] = {}
+        for name in rotated(INPROCESS_VARIANTS, index):
+            gc.collect()
+            await asyncio.sleep(0)  # deferred callbacks of the previous variant run here, untimed
+            times[name] = await time_round(variants[name], requests, never, yield_each)
+        await asyncio.sleep(0)
+        if index < warmup:
+            continue
+        for name, value in times.items():
+            series[name].values.append(value)
+            if name != "bare":
+                series[name].ratios.append(value / times["bare"])
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return series
+
+
+def run_inprocess(rounds: int, warmup: int, requests: int, yield_each: bool) -> dict[str, Series]:
+    return asyncio.run(run_inprocess_async(rounds, warmup, requests, yield_each))
+
+
+# -- B. real server ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get(port: int, timeout: float = 1.0) -> tuple[int, bytes]:
+    """One blocking ``GET /`` on a fresh connection: (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, body
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads), from /proc; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """One uvicorn subprocess serving one variant on 127.0.0.1."""
+
+    def __init__(self, variant: str, log_dir: Path, cpus: set[int] | None) -> None:
+        self.variant = variant
+        self.cpus = cpus
+        self.log_path = log_dir / f"uvicorn-{variant}.log"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(BENCH_DIR),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--workers",
+            "1",
+            "--lifespan",
+            "off",
+            "--log-level",
+            "warning",
+            f"apps:{APP_NAMES.get(self.variant, self.variant)}",
+        ]
+
+    def start(self, timeout: float = 20.0) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env.pop("WEB_CONCURRENCY", None)
+        for _attempt in range(3):  # the port may be taken between free_port() and uvicorn's bind
+            self.port = free_port()
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    self.command(self.port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                )
+            if self.cpus is not None:
+                # Before uvicorn has started any thread: its threads inherit the mask.
+                os.sched_setaffinity(self.proc.pid, self.cpus)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    status, body = http_get(self.port)
+                    if status == 200 and body == apps.BODY:
+                        return
+                    raise RuntimeError(f"{self.variant}: server answered {status} {body[:80]!r}")
+                time.sleep(0.05)
+            self.stop()
+        log_tail = self.log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"uvicorn for {self.variant!r} did not start; log {self.log_path}:\n{log_tail}")
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.proc is None else process_cpu_seconds(self.proc.pid)
+
+    def stop(self) -> None:
+        """Terminate by PID, then kill; every wait is bounded."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def servers(variants: Sequence[str], cpus: set[int] | None) -> Iterator[dict[str, Server]]:
+    with tempfile.TemporaryDirectory(prefix="overhead-") as log_dir:
+        started: dict[str, Server] = {}
+        try:
+            for variant in variants:
+                server = Server(variant, Path(log_dir), cpus)
+                started[variant] = server
+                server.start()
+            yield started
+        finally:
+            for server in started.values():
+                server.stop()
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    errors: int = 0
+    notes: str = ""
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+
+_WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)\b")
+_WRK_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def run_wrk(wrk: str, port: int, duration: float, connections: int) -> Load:
+    seconds = max(1, round(duration))
+    cmd = [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", f"http://127.0.0.1:{port}/"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    match = _WRK_TOTAL.search(out.stdout)
+    if out.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}\n{out.stderr}")
+    errors = sum(int(n) for n in _WRK_ERRORS.findall(out.stdout)[0]) if _WRK_ERRORS.search(out.stdout) else 0
+    non2xx = _WRK_NON2XX.search(out.stdout)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return Load(int(match.group(1)), float(match.group(2)) * _UNITS[match.group(3)], errors)
+
+
+async def _python_connection(port: int, start: asyncio.Event, deadline: list[float], counts: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    try:
+        await start.wait()
+        while time.perf_counter() < deadline[0]:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = -1
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+                    break
+            if length < 0:
+                raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
+            await reader.readexactly(length)
+            if head.startswith(b"HTTP/1.1 200 "):
+                counts[0] += 1
+            else:
+                counts[1] += 1
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _python_load(port: int, duration: float, connections: int) -> Load:
+    start = asyncio.Event()
+    deadline = [float("inf")]
+    counts = [0, 0]  # 200 responses, other responses
+    tasks = [asyncio.create_task(_python_connection(port, start, deadline, counts)) for _ in range(connections)]
+    await asyncio.sleep(0.05)  # let the connections open before the clock starts
+    begin = time.perf_counter()
+    deadline[0] = begin + duration
+    start.set()
+    done, pending = await asyncio.wait(tasks, timeout=duration + 10)
+    seconds = time.perf_counter() - begin
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    failures = [t.exception() for t in done if t.exception() is not None]
+    notes = f"{len(failures)} connections failed: {failures[0]!r}" if failures else ""
+    if pending:
+        notes += f" {len(pending)} connections timed out"
+    return Load(counts[0], seconds, counts[1] + len(failures) + len(pending), notes.strip())
+
+
+def run_python_load(port: int, duration: float, connections: int) -> Load:
+    return asyncio.run(_python_load(port, duration, connections))
+
+
+def run_server_bench(
+    rounds: int, duration: float, warmup: float, connections: int, use_wrk: bool, pin: bool
+) -> tuple[dict[str, Series], dict[str, Series], dict[str, Series], str, list[str]]:
+    """Returns (req/s, server CPU µs per request, server CPU utilization) per variant, the
+    load generator's name and notes."""
+    wrk = shutil.which("wrk") if use_wrk else None
+    notes: list[str] = []
+    original_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    server_cpus: set[int] | None = None
+    if pin and len(original_cpus) >= 2:
+        # The servers on one CPU, this process and the load generator (its child) on
+        # another: neither competes with the other nor migrates between CPUs.
+        server_cpus = {max(original_cpus)}
+        os.sched_setaffinity(0, {min(original_cpus)})
+        notes.append(f"servers pinned to CPU {max(original_cpus)}, load generator to CPU {min(original_cpus)}")
+    elif pin:
+        notes.append("not pinned: fewer than 2 CPUs available, server and load generator share them")
+    try:
+        return _server_rounds(rounds, duration, warmup, connections, wrk, server_cpus, notes)
+    finally:
+        if server_cpus is not None:
+            os.sched_setaffinity(0, original_cpus)
+
+
+def _server_rounds(
+    rounds: int,
+    duration: float,
+    warmup: float,
+    connections: int,
+    wrk: str | None,
+    server_cpus: set[int] | None,
+    notes: list[str],
+) -> tuple[dict[str, Series], dict[str, Series], dict[str, Series], str, list[str]]:
+    if wrk is None:
+        reason = "wrk is not on PATH" if shutil.which("wrk") is None else "--python-loadgen given"
+        message = (
+            f"{reason}: using the pure-Python asyncio load generator, which is slower than "
+            "wrk and may saturate before the server does (install wrk: apt-get install wrk)"
+        )
+        print(f"note: {message}", flush=True)
+        notes.append(message)
+
+    def load(port: int, seconds: float) -> Load:
+        if wrk is not None:
+            return run_wrk(wrk, port, seconds, connections)
+        return run_python_load(port, seconds, connections)
+
+    rps = {name: Series() for name in SERVER_VARIANTS}
+    cpu_per_req = {name: Series() for name in SERVER_VARIANTS}
+    utilization = {name: Series() for name in SERVER_VARIANTS}
+    with servers(SERVER_VARIANTS, server_cpus) as running:
+        if warmup > 0:
+            for name in SERVER_VARIANTS:
+                load(running[name].port, warmup)
+        for index in range(rounds):
+            round_rps: dict[str, float] = {}
+            round_cpu: dict[str, float] = {}
+            parts = []
+            for name in rotated(SERVER_VARIANTS, index):
+                server = running[name]
+                time.sleep(0.2)  # let the previous round's connections close
+                cpu_before = server.cpu_seconds()
+                result = load(server.port, duration)
+                cpu_after = server.cpu_seconds()
+                if result.errors:
+                    notes.append(f"round {index + 1} {name}: {result.errors} errors {result.notes}".strip())
+                round_rps[name] = result.rps
+                rps[name].values.append(result.rps)
+                if cpu_before is not None and cpu_after is not None and result.requests:
+                    round_cpu[name] = (cpu_after - cpu_before) / result.requests * 1e6
+                    cpu_per_req[name].values.append(round_cpu[name])
+                    utilization[name].values.append((cpu_after - cpu_before) / result.seconds)
+                parts.append(f"{name} {result.rps:,.0f}/s")
+            for name in SERVER_VARIANTS:
+                if name == "bare":
+                    continue
+                rps[name].ratios.append(round_rps[name] / round_rps["bare"])
+                if name in round_cpu and "bare" in round_cpu:
+                    cpu_per_req[name].ratios.append(round_cpu[name] / round_cpu["bare"])
+            print(f"  server round {index + 1}/{rounds}: " + ", ".join(parts), flush=True)
+    return rps, cpu_per_req, utilization, ("wrk" if wrk else "python"), notes
+
+
+# -- reporting -----------------------------------------------------------------------
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git_commit": commit or None,
+        "versions": {
+            name: package_version(name) for name in ("asgi-disconnect", "starlette", "uvicorn", "httptools", "anyio")
+        },
+        "wrk": shutil.which("wrk"),
+    }
+
+
+def verdict_ratio(name: str, ratio: float) -> str:
+    if name not in BUDGETED:
+        return "(A/A control: noise)" if name == "bare2" else "(scale)"
+    return f"<= {INPROCESS_BUDGET:.2f}: " + ("OK" if ratio <= INPROCESS_BUDGET else "OVER")
+
+
+def verdict_loss(name: str, ratio: float) -> str:
+    if name not in BUDGETED:
+        return "(A/A control: noise)" if name == "bare2" else ""
+    return f"<= {SERVER_BUDGET_LOSS:.0%} loss: " + ("OK" if 1 - ratio <= SERVER_BUDGET_LOSS else "OVER")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> tuple[str, str]:
+    """The same table as aligned text and as Markdown."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    text = "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    md_rows = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    md_rows += ["| " + " | ".join(r) + " |" for r in rows]
+    return text, "\n".join(md_rows)
+
+
+def ratio_cell(summary: dict[str, float]) -> str:
+    if "ratio_median" not in summary:
+        return "1.000"
+    return f"{summary['ratio_median']:.3f} [{summary['ratio_p25']:.3f}-{summary['ratio_p75']:.3f}]"
+
+
+def inprocess_table(series: dict[str, Series]) -> tuple[str, str, dict[str, Any]]:
+    rows = []
+    data: dict[str, Any] = {}
+    for name, s in series.items():
+        summary = s.summary()
+        data[name] = {"summary": summary, "us_per_request": s.values, "ratios": s.ratios}
+        ratio = summary.get("ratio_median", 1.0)
+        rows.append(
+            [
+                name,
+                f"{summary['median']:.2f}",
+                f"{summary['min']:.2f}",
+                f"{summary['median'] - series['bare'].summary()['median']:+.2f}" if name != "bare" else "",
+                ratio_cell(summary),
+                verdict_ratio(name, ratio) if name != "bare" else "",
+            ]
+        )
+    headers = ["variant", "median us/req", "min us/req", "delta us", "ratio vs bare [p25-p75]", "budget"]
+    text, md = table(headers, rows)
+    return text, md, data
+
+
+def server_table(
+    rps: dict[str, Series], cpu: dict[str, Series], util: dict[str, Series]
+) -> tuple[str, str, dict[str, Any]]:
+    rows = []
+    data: dict[str, Any] = {}
+    for name in rps:
+        r, c, u = rps[name].summary(), cpu[name], util[name]
+        data[name] = {
+            "rps": {"summary": r, "per_round": rps[name].values, "ratios": rps[name].ratios},
+            "server_cpu_us_per_request": {"summary": c.summary(), "per_round": c.values, "ratios": c.ratios}
+            if c.values
+            else None,
+            "server_cpu_utilization": {"per_round": u.values} if u.values else None,
+        }
+        ratio = r.get("ratio_median", 1.0)
+        rows.append(
+            [
+                name,
+                f"{r['median']:,.0f}",
+                ratio_cell(r),
+                f"{(1 - ratio):+.1%}" if name != "bare" else "",
+                f"{c.summary()['median']:.1f}" if c.values else "n/a",
+                ratio_cell(c.summary()) if c.values else "n/a",
+                f"{statistics.median(u.values):.0%}" if u.values else "n/a",
+                verdict_loss(name, ratio),
+            ]
+        )
+    headers = [
+        "variant",
+        "median req/s",
+        "ratio vs bare [p25-p75]",
+        "loss",
+        "server CPU us/req",
+        "CPU ratio [p25-p75]",
+        "server CPU",
+        "budget",
+    ]
+    text, md = table(headers, rows)
+    return text, md, data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds: a smoke run")
+    parser.add_argument("--no-inprocess", action="store_true", help="skip part A")
+    parser.add_argument("--no-server", action="store_true", help="skip part B")
+    parser.add_argument("--python-loadgen", action="store_true", help="use the Python load generator, not wrk")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin servers and load generator to CPUs")
+    parser.add_argument("--rounds", type=int, help="server rounds (default 7, quick 3)")
+    parser.add_argument("--duration", type=float, help="seconds per server round and variant (default 3, quick 1)")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
+    parser.add_argument("--inprocess-rounds", type=int, help="in-process rounds (default 60, quick 15)")
+    parser.add_argument("--requests", type=int, help="requests per in-process round (default 500, quick 200)")
+    args = parser.parse_args(argv)
+
+    q = args.quick
+    ip_rounds = args.inprocess_rounds or (15 if q else 60)
+    ip_requests = args.requests or (200 if q else 500)
+    ip_warmup = 2 if q else 5
+    sv_rounds = args.rounds or (3 if q else 7)
+    sv_duration = args.duration or (1.0 if q else 3.0)
+    sv_warmup = 0.5 if q else 1.0
+
+    began = time.perf_counter()
+    report: dict[str, Any] = {"environment": environment(), "quick": q}
+    report["budgets"] = {"in_process_ratio_max": INPROCESS_BUDGET, "server_throughput_loss_max": SERVER_BUDGET_LOSS}
+    md: list[str] = ["# DisconnectMiddleware overhead", ""]
+    env = report["environment"]
+    header = (
+        f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in env['loadavg_at_start'] or [])}; git {env['git_commit']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    )
+    print(header)
+    md += [header, "", f"Command: `.venv/bin/python benchmarks/overhead.py {' '.join(sys.argv[1:])}`".rstrip(), ""]
+
+    if not args.no_inprocess:
+        for key, yield_each, title in (
+            ("in_process", False, "one loop iteration per round"),
+            ("in_process_yield_each", True, "one loop iteration per request"),
+        ):
+            heading = (
+                f"A. In process, {title}: {ip_rounds} rounds x {ip_requests} requests per variant "
+                f"(+{ip_warmup} warm-up rounds), order rotated each round"
+            )
+            print(f"\n{heading}", flush=True)
+            series = run_inprocess(ip_rounds, ip_warmup, ip_requests, yield_each)
+            text, table_md, data = inprocess_table(series)
+            print(text, flush=True)
+            report[key] = {
+                "rounds": ip_rounds,
+                "requests_per_round": ip_requests,
+                "warmup_rounds": ip_warmup,
+                "yield_each_request": yield_each,
+                "variants": data,
+            }
+            md += [f"## {heading}", "", table_md, ""]
+
+    if not args.no_server:
+        heading = (
+            f"B. uvicorn (httptools) on 127.0.0.1: {sv_rounds} rounds x {sv_duration:g} s per variant, "
+            f"{args.connections} connections, order rotated each round"
+        )
+        print(f"\n{heading}", flush=True)
+        rps, cpu, util, loadgen, notes = run_server_bench(
+            sv_rounds, sv_duration, sv_warmup, args.connections, not args.python_loadgen, not args.no_pin
+        )
+        text, table_md, data = server_table(rps, cpu, util)
+        print(f"load generator: {loadgen}")
+        print(text)
+        for note in notes:
+            print(f"note: {note}")
+        report["server"] = {
+            "rounds": sv_rounds,
+            "duration_s": sv_duration,
+            "connections": args.connections,
+            "load_generator": loadgen,
+            "notes": notes,
+            "variants": data,
+        }
+        md += [f"## {heading}", "", f"Load generator: {loadgen}.", "", table_md, ""]
+        md += [f"- note: {n}" for n in notes]
+
+    total = time.perf_counter() - began
+    report["total_seconds"] = round(total, 1)
+    budgets = (
+        f"Budgets (DESIGN.md): in process <= {INPROCESS_BUDGET}x bare per request; server throughput "
+        f"at most {SERVER_BUDGET_LOSS:.0%} below bare. Ratios are medians of per-round ratios, [p25-p75] "
+        "their spread. This script reports; it does not fail on budgets."
+    )
+    print(f"\n{budgets}\ntotal time: {total:.1f} s")
+    md += ["", budgets, "", f"Total time: {total:.1f} s.", ""]
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS_DIR / "overhead.md").write_text("\n".join(md))
+    print(f"wrote {RESULTS_DIR / 'overhead.json'} and {RESULTS_DIR / 'overhead.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

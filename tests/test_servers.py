@@ -1,0 +1,463 @@
+"""DisconnectMiddleware against real servers: uvicorn (h11, httptools) and hypercorn.
+
+The servers run in the test's own asyncio loop (tests/servers.py), except in the
+traceback checks, which read a server subprocess's output. Clients are raw blocking
+sockets in a worker thread; they leave with an orderly FIN or an abortive RST.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import pytest
+import structlog.testing
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, DisconnectState, disconnect_state
+from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
+
+from . import apps
+from .servers import SERVERS, ServerKind, close, raw_connection, read_response, read_until, request_bytes, run_server
+
+pytestmark = [pytest.mark.anyio, pytest.mark.server]
+
+Close = Literal["fin", "rst"]
+CLOSES: tuple[Close, ...] = ("fin", "rst")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """Real servers run on asyncio only."""
+    return "asyncio"
+
+
+async def wait_for(event: anyio.Event, what: str, timeout: float = 5.0) -> None:
+    with anyio.move_on_after(timeout) as scope:
+        await event.wait()
+    assert not scope.cancel_called, f"{what}: not within {timeout} s"
+
+
+class Served:
+    """``DisconnectMiddleware(app)``, plus what escaped it and when an HTTP request returned.
+
+    It answers ``lifespan`` itself by returning at once: hypercorn then goes on without
+    lifespan support, quietly (uvicorn is run with ``lifespan="off"``).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = DisconnectMiddleware(app)
+        self.escaped: list[BaseException] = []
+        self.returned = anyio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as exc:
+            self.escaped.append(exc)
+            raise
+        finally:
+            self.returned.set()
+
+
+async def send_text(send: Send, body: bytes, status: int = 200) -> None:
+    headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- 1. a handler that never calls receive() ---------------------------------------------
+
+
+@pytest.mark.parametrize("how", CLOSES)
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_handler_that_never_receives_sees_disconnect_before_response(kind: ServerKind, how: Close) -> None:
+    """A handler that never calls receive() learns that the client left, and its send() raises ClientDisconnected."""
+    started = anyio.Event()
+    seen: dict[str, object] = {}
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        state = disconnect_state(scope)
+        started.set()
+        with anyio.move_on_after(5) as timeout:
+            await state.wait()
+        seen.update(timed_out=timeout.cancel_called, disconnected=state.disconnected, phase=state.phase)
+        try:
+            await send_text(send, b"too late")
+        except ClientDisconnected as exc:
+            seen["send_error"] = exc
+            raise  # the middleware absorbs it: no traceback for a client that left
+
+    served = Served(handler)
+    async with run_server(served, kind) as port:
+
+        def client() -> None:
+            with raw_connection(port) as sock:
+                sock.sendall(request_bytes("GET", "/report"))
+                anyio.from_thread.run(wait_for, started, "the handler started")
+                close(sock, how)
+
+        with structlog.testing.capture_logs() as logs:
+            await anyio.to_thread.run_sync(client)
+            await wait_for(served.returned, "the app returned")
+
+    assert seen["timed_out"] is False, "disconnect_state(scope).wait() should return once the client left"
+    assert seen["disconnected"] is True
+    assert seen["phase"] == "before_response"
+    assert isinstance(seen.get("send_error"), ClientDisconnected)
+    assert served.escaped == []
+    assert [(log["event"], log["phase"], log["path"]) for log in logs] == [
+        ("client disconnected", "before_response", "/report")
+    ]
+
+
+# -- 2. a streaming handler stops producing ------------------------------------------------
+
+CHUNK_INTERVAL = 0.02
+MAX_CHUNKS = 250  # 5 s of stream at most: the test fails long before, if nothing stops it
+
+
+@pytest.mark.parametrize("how", CLOSES)
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_streaming_handler_send_raises_mid_body(kind: ServerKind, how: Close) -> None:
+    """A raw ASGI stream's send() raises ClientDisconnected soon after the client leaves, so it stops producing."""
+    produced_after_detection = 0
+    states: list[DisconnectState] = []
+    raised_at: list[float] = []
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal produced_after_detection
+        state = disconnect_state(scope)
+        states.append(state)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        try:
+            for index in range(MAX_CHUNKS):
+                if state.disconnected:
+                    produced_after_detection += 1
+                await send({"type": "http.response.body", "body": b"chunk %04d\n" % index, "more_body": True})
+                await anyio.sleep(CHUNK_INTERVAL)
+            await send({"type": "http.response.body", "body": b""})
+        except ClientDisconnected:
+            raised_at.append(time.monotonic())
+            raise
+
+    served = Served(handler)
+    closed_at = 0.0
+    async with run_server(served, kind) as port:
+
+        def client() -> None:
+            nonlocal closed_at
+            with raw_connection(port) as sock:
+                sock.sendall(request_bytes("GET", "/stream"))
+                read_until(sock, b"chunk 0000\n")
+                close(sock, how)
+                closed_at = time.monotonic()
+
+        await anyio.to_thread.run_sync(client)
+        await wait_for(served.returned, "the stream ended")
+
+    [state] = states
+    assert raised_at, "send() should raise ClientDisconnected once the client has gone"
+    assert raised_at[0] - closed_at < 2.0
+    assert state.disconnected is True
+    assert state.phase == "mid_body"
+    assert state.bytes_sent > 0
+    assert 1 <= produced_after_detection <= 2
+    assert served.escaped == []
+
+
+# -- 3. request bodies reach the app intact --------------------------------------------------
+
+BODY = random.Random(20240601).randbytes(1 << 20)
+PIECE = 64 * 1024
+
+
+def upload_pieces(encoding: str) -> tuple[dict[str, str], list[bytes]]:
+    """Headers and the wire pieces of a 1 MiB upload, sent one ``sendall`` each."""
+    pieces = [BODY[offset : offset + PIECE] for offset in range(0, len(BODY), PIECE)]
+    if encoding == "content-length":
+        return {"Content-Length": str(len(BODY))}, pieces
+    return {"Transfer-Encoding": "chunked"}, [b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces] + [b"0\r\n\r\n"]
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.05], ids=["reads-at-once", "reads-late"])
+@pytest.mark.parametrize("encoding", ["chunked", "content-length"])
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_upload_reaches_app_byte_exact(kind: ServerKind, encoding: str, pause: float) -> None:
+    """A 1 MiB upload reaches the app byte for byte and in order, and the request is never marked disconnected.
+
+    ``reads-late`` lets the middleware's watcher read ahead before the app asks for the body.
+    """
+    states: list[DisconnectState] = []
+
+    async def echo(scope: Scope, receive: Receive, send: Send) -> None:
+        states.append(disconnect_state(scope))
+        await anyio.sleep(pause)
+        chunks: list[bytes] = []
+        for _ in range(len(BODY)):  # bounded: at least one byte per message but the last
+            message = await receive()
+            assert message["type"] == "http.request"
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        await send_text(send, b"".join(chunks))
+
+    served = Served(echo)
+    async with run_server(served, kind) as port:
+        headers, pieces = upload_pieces(encoding)
+
+        def client() -> tuple[int, bytes]:
+            with raw_connection(port) as sock:
+                sock.sendall(request_bytes("POST", "/echo", headers))
+                for piece in pieces:
+                    sock.sendall(piece)
+                status, _, body = read_response(sock)
+                close(sock, "fin")
+            return status, body
+
+        status, body = await anyio.to_thread.run_sync(client)
+        await wait_for(served.returned, "the app returned")
+
+    assert status == 200
+    assert len(body) == len(BODY)
+    assert body == BODY
+    [state] = states
+    assert state.disconnected is False
+    assert served.escaped == []
+
+
+# -- 4. keep-alive: a normal close is not an abort --------------------------------------------
+
+KEEPALIVE_REQUESTS = 100
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_keepalive_requests_are_never_marked_disconnected(kind: ServerKind) -> None:
+    """100 requests on one keep-alive connection all succeed and none, not even the last, is marked disconnected."""
+    states: list[DisconnectState] = []
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        states.append(disconnect_state(scope))
+        await anyio.sleep(0.001)  # suspend, so that the middleware starts watching
+        await send_text(send, scope["path"].encode())
+
+    async with run_server(Served(handler), kind) as port:
+
+        def client() -> list[tuple[int, bytes]]:
+            responses = []
+            with raw_connection(port) as sock:
+                for index in range(KEEPALIVE_REQUESTS):
+                    sock.sendall(request_bytes("GET", f"/{index}"))
+                    status, _, body = read_response(sock)
+                    responses.append((status, body))
+                close(sock, "fin")
+            return responses
+
+        with structlog.testing.capture_logs() as logs:
+            responses = await anyio.to_thread.run_sync(client)
+            assert [state.disconnected for state in states] == [False] * KEEPALIVE_REQUESTS
+            await anyio.sleep(0.1)  # the server sees the close
+
+    assert responses == [(200, f"/{index}".encode()) for index in range(KEEPALIVE_REQUESTS)]
+    assert len(states) == KEEPALIVE_REQUESTS
+    assert [state.disconnected for state in states] == [False] * KEEPALIVE_REQUESTS
+    assert logs == []
+
+
+# -- 5. Starlette's BaseHTTPMiddleware inside DisconnectMiddleware ---------------------------
+
+
+class NoOpMiddleware(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
+POLL_INTERVAL = 0.01
+MAX_POLLS = 200  # 2 s
+EXTRA_POLLS = 20  # Starlette's chance to notice too, once ours has
+
+
+@pytest.mark.parametrize("how", CLOSES)
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_flag_set_under_base_http_middleware(kind: ServerKind, how: Close) -> None:
+    """Under Starlette's BaseHTTPMiddleware, disconnect_state(scope).disconnected becomes True after the client leaves.
+
+    Starlette's own ``await request.is_disconnected()``, polled alongside, returned False
+    on every poll, on every server, with FIN and with RST (Starlette 1.10; the same without
+    DisconnectMiddleware, while it works without BaseHTTPMiddleware). Not a race: it
+    cancels its receive() at once, and BaseHTTPMiddleware's receive enters a task group,
+    a checkpoint where that cancellation always lands before a message comes out.
+    """
+    started = anyio.Event()
+    client_left = anyio.Event()
+    polls: list[tuple[bool, bool]] = []  # (ours, Starlette's), after the client left
+
+    async def endpoint(request: Request) -> Response:
+        state = disconnect_state(request.scope)
+        started.set()
+        await wait_for(client_left, "the client left")
+        polls_after_ours = 0
+        for _ in range(MAX_POLLS):
+            polls.append((state.disconnected, await request.is_disconnected()))
+            if state.disconnected:
+                polls_after_ours += 1
+                if polls[-1][1] or polls_after_ours > EXTRA_POLLS:
+                    break
+            await anyio.sleep(POLL_INTERVAL)
+        return PlainTextResponse("too late")
+
+    served = Served(Starlette(routes=[Route("/poll", endpoint)], middleware=[Middleware(NoOpMiddleware)]))
+    async with run_server(served, kind) as port:
+
+        def client() -> None:
+            with raw_connection(port) as sock:
+                sock.sendall(request_bytes("GET", "/poll"))
+                anyio.from_thread.run(wait_for, started, "the endpoint started")
+                close(sock, how)
+            anyio.from_thread.run_sync(client_left.set)
+
+        await anyio.to_thread.run_sync(client)
+        await wait_for(served.returned, "the app returned")
+
+    assert polls[-1][0] is True, "disconnect_state(scope).disconnected should become True"
+    assert [starlette for _, starlette in polls] == [False] * len(polls), (
+        "Starlette's is_disconnected() now works under BaseHTTPMiddleware: update this test and the README"
+    )
+    assert served.escaped == []
+
+
+# -- 6. Starlette's StreamingResponse still stops promptly -----------------------------------
+
+
+@pytest.mark.parametrize("how", CLOSES)
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_starlette_streaming_generator_closed_promptly(kind: ServerKind, how: Close) -> None:
+    """A StreamingResponse generator blocked on an upstream await runs its finally soon after the client leaves."""
+    finally_ran_at: list[float] = []
+
+    async def tokens() -> AsyncIterator[bytes]:
+        try:
+            yield b"first token\n"
+            await anyio.sleep(30)  # an upstream that never answers
+            yield b"never\n"
+        finally:
+            finally_ran_at.append(time.monotonic())
+
+    async def endpoint(request: Request) -> Response:
+        return StreamingResponse(tokens(), media_type="text/plain")
+
+    served = Served(Starlette(routes=[Route("/tokens", endpoint)]))
+    closed_at = 0.0
+    async with run_server(served, kind) as port:
+
+        def client() -> None:
+            nonlocal closed_at
+            with raw_connection(port) as sock:
+                sock.sendall(request_bytes("GET", "/tokens"))
+                read_until(sock, b"first token\n")
+                close(sock, how)
+                closed_at = time.monotonic()
+
+        await anyio.to_thread.run_sync(client)
+        await wait_for(served.returned, "the response ended", timeout=5)
+
+    assert finally_ran_at, "the generator's finally should have run"
+    assert finally_ran_at[0] - closed_at < 2.0
+    assert served.escaped == []
+
+
+# -- 7. no traceback in the server's output -------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def server_command(kind: ServerKind, target: str, port: int) -> list[str]:
+    if kind == "hypercorn":
+        # --workers 0: serve in this very process, so that its PID is the server's.
+        return [sys.executable, "-m", "hypercorn", target, "--bind", f"127.0.0.1:{port}", "--workers", "0"]
+    http = kind.removeprefix("uvicorn-")
+    return [sys.executable, "-m", "uvicorn", target, "--http", http, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def abort_requests(kind: ServerKind, target: str, how: Close, output: Path, events: int) -> str:
+    """Serve ``target`` in a subprocess, abort a stream and a slow handler, stop it; return its output."""
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    env.pop("FORCE_COLOR", None)
+    with output.open("wb") as sink:
+        process = subprocess.Popen(
+            server_command(kind, target, port), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            assert process.poll() is None, f"the server exited: {output.read_text()}"
+            assert time.monotonic() < deadline, f"the server did not listen: {output.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+
+        with raw_connection(port) as sock:
+            sock.sendall(request_bytes("GET", "/stream"))
+            read_until(sock, b"chunk 0000\n")
+            close(sock, how)
+
+        with raw_connection(port) as sock:
+            sock.sendall(request_bytes("GET", "/slow"))
+            deadline = time.monotonic() + 5
+            while apps.SLOW_STARTED not in output.read_text():
+                assert time.monotonic() < deadline, "the slow handler did not start"
+                time.sleep(0.01)
+            close(sock, how)
+
+        if events:
+            deadline = time.monotonic() + 5
+            while output.read_text().count("client disconnected") < events:
+                assert time.monotonic() < deadline, f"no {events} abort events: {output.read_text()}"
+                time.sleep(0.02)
+        else:
+            time.sleep(apps.SLOW_SECONDS + 0.2)  # the slow handler sends into the void
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+    return output.read_text()
+
+
+@pytest.mark.parametrize("how", CLOSES)
+@pytest.mark.parametrize("kind", SERVERS)
+def test_server_prints_no_traceback_for_aborts(kind: ServerKind, how: Close, tmp_path: Path) -> None:
+    """A server subprocess prints no traceback for aborted requests, only the middleware's "client disconnected" events."""
+    text = abort_requests(kind, "tests.apps:app", how, tmp_path / "server.log", events=2)
+    assert "Traceback" not in text
+    assert "Exception in ASGI application" not in text
+    assert text.count("client disconnected") == 2
+    assert "phase=mid_body" in text and "phase=before_response" in text
