@@ -140,15 +140,17 @@ class _Cycle(DisconnectState):
         self._closed = False  # the server said http.disconnect (normal close or abort)
         self._stopped = False  # the app returned: the watcher must not start
         self._watcher: asyncio.Task[None] | anyio.CancelScope | None = None
-        self._read_ahead_ok: bool | None = None  # computed from the headers on first need
         self._error: Exception | None = None
         self._app_told = False  # the app itself received http.disconnect: it was told
         self._app_waiting = 0  # app calls blocked in receive(): they are told at once
         self._cancel_handle: asyncio.Handle | None = None  # grace timer, then delivery
-        self._warn_handle: asyncio.Handle | None = None
         self._cancels = 0  # Task.cancel() calls made, to uncancel() at the end
-        self._app_scope: anyio.CancelScope | None = None  # trio: the app's cancel scope
-        self._tg: anyio.abc.TaskGroup | None = None  # trio: where the helpers run
+        # Set only where they are used, off the hot path: _read_ahead_ok (by a watcher),
+        # _warn_handle (when a cancellation begins), _tg and _app_scope (trio).
+        self._read_ahead_ok: bool | None
+        self._warn_handle: asyncio.TimerHandle
+        self._tg: anyio.abc.TaskGroup
+        self._app_scope: anyio.CancelScope
 
     # -- receive side ------------------------------------------------------------
 
@@ -242,12 +244,14 @@ class _Cycle(DisconnectState):
                 self._buffered += len(message.get("body", b""))
 
     async def _watch_in_scope(self) -> None:
+        self._read_ahead_ok = None
         with anyio.CancelScope() as scope:
             self._watcher = scope
             await self._watch()
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._stopped:
+            self._read_ahead_ok = None
             self._watcher = loop.create_task(self._watch())
 
     # -- send side ---------------------------------------------------------------
@@ -296,7 +300,7 @@ class _Cycle(DisconnectState):
         if self.cancel:  # the policy as it stands at the moment of the disconnect
             if self._task is not None:
                 self._cancel_handle = self._task.get_loop().call_later(self._mw.grace, self._begin_cancel)
-            elif self._tg is not None:
+            else:
                 self._tg.start_soon(self._cancel_after_grace)
 
     # -- cancellation ------------------------------------------------------------
@@ -336,7 +340,7 @@ class _Cycle(DisconnectState):
     async def _cancel_after_grace(self) -> None:
         # trio (any non-asyncio loop): an anyio cancel scope around the app does it all.
         await anyio.sleep(self._mw.grace)
-        if self._should_cancel() and self._app_scope is not None:
+        if self._should_cancel():
             self.cancelled = True
             self._app_scope.cancel()
             await anyio.sleep(self._mw.cancel_warn_after)
@@ -362,7 +366,7 @@ class _Cycle(DisconnectState):
             self._watcher.cancel()
         if self._cancel_handle is not None:
             self._cancel_handle.cancel()
-        if self._warn_handle is not None:
+        if self.cancelled and self._task is not None:
             self._warn_handle.cancel()
 
 
@@ -418,15 +422,14 @@ class DisconnectMiddleware:
             await self.app(scope, receive, send)
             return
 
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None  # not asyncio (trio); handled outside this block to keep tracebacks clean
-        if loop is None:
+        loop = asyncio._get_running_loop()  # None, not an exception, under trio: cheaper
+        task = None if loop is None else asyncio.current_task(loop)
+        if task is None:
+            # trio, or a coroutine driven by hand outside any asyncio task
             cycle = _Cycle(self, scope, receive, send, None)
             await self._call_in_task_group(cycle, {**scope, SCOPE_KEY: cycle})
         else:
-            task = asyncio.current_task()
+            assert loop is not None
             cycle = _Cycle(self, scope, receive, send, task)
             # A task per request costs more than this middleware's whole budget, so
             # watchers start from one callback per loop iteration, for the requests
