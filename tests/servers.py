@@ -24,7 +24,9 @@ SERVERS: tuple[ServerKind, ...] = ("uvicorn-h11", "uvicorn-httptools", "hypercor
 
 
 def _bound_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it
+    # every keep-alive response after the first waits ~40 ms for Nagle.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
