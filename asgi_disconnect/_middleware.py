@@ -27,6 +27,11 @@ DisconnectHook = Callable[[Scope, DisconnectState], "Awaitable[None] | None"]
 
 logger = structlog.get_logger("asgi_disconnect")
 
+if sys.version_info >= (3, 12):
+    _current_task = asyncio.current_task
+else:  # pragma: no cover - 3.10 and 3.11: the same lookup without a Python-level call
+    _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _INSTALL_HINT = (
     "install DisconnectMiddleware in front of your app: `app = DisconnectMiddleware(app)`, "
@@ -82,75 +87,42 @@ class _Cycle(DisconnectState):
     watcher exists only if the app suspends (see ``DisconnectMiddleware.__call__``).
     """
 
-    __slots__ = (
-        "_app_read",
-        "_app_scope",
-        "_app_told",
-        "_app_waiting",
-        "_body_complete",
-        "_buffer",
-        "_buffered",
-        "_cancel_handle",
-        "_cancels",
-        "_closed",
-        "_complete",
-        "_error",
-        "_mw",
-        "_read_ahead_ok",
-        "_reading",
-        "_receive",
-        "_scope",
-        "_send",
-        "_started",
-        "_stopped",
-        "_task",
-        "_tg",
-        "_tick",
-        "_trailers",
-        "_warn_handle",
-        "_watcher",
-    )
+    # Defaults at class level (see DisconnectState): only per-request values are set.
+    _app_read = False  # the app has called receive() itself
+    _body_complete = False  # the server delivered the last http.request
+    _reading = False  # a server receive() is in flight
+    _buffer: deque[Message] | None = None  # read ahead, not yet handed to the app
+    _buffered = 0
+    _tick: anyio.Event | None = None  # set when a read ends or the app takes a message
+    _started = False  # http.response.start was sent
+    _trailers = False  # the response announced trailers
+    _complete = False  # the app sent its final message: a later disconnect is a normal close
+    _closed = False  # the server said http.disconnect (normal close or abort)
+    _stopped = False  # the app returned: the watcher must not start
+    _watcher: asyncio.Task[None] | anyio.CancelScope | None = None
+    _error: Exception | None = None
+    _app_told = False  # the app itself received http.disconnect: it was told
+    _app_waiting = 0  # app calls blocked in receive(): they are told at once
+    _cancel_handle: asyncio.Handle | None = None  # grace timer, then delivery
+    _cancels = 0  # Task.cancel() calls made, to uncancel() at the end
+    _read_ahead_ok: bool | None = None  # from the request headers, on a watcher's first need
+    # Set only where they are used: _warn_handle (when a cancellation begins), _tg and
+    # _app_scope (trio).
+    _warn_handle: asyncio.TimerHandle
+    _tg: anyio.abc.TaskGroup
+    _app_scope: anyio.CancelScope
 
     def __init__(
         self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send, task: asyncio.Task[Any] | None
     ) -> None:
         # DisconnectState.__init__ inlined: a call costs a quarter of this constructor.
-        self.disconnected = False
-        self.phase: Phase | None = None
-        self.detected_at: float | None = None
         self.started_at = time.monotonic()
-        self.bytes_sent = 0
         self.cancel = mw.cancel and not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
-        self.cancelled = False
-        self._event = None
         self._mw = mw
         self._task = task  # asyncio: the request's task, the target of a cancellation
         self._scope = scope  # the server's scope, never the copy that holds the state
         self._receive = receive
         self._send = send
-        self._app_read = False  # the app has called receive() itself
-        self._body_complete = False  # the server delivered the last http.request
-        self._reading = False  # a server receive() is in flight
-        self._buffer: deque[Message] | None = None  # read ahead, not yet handed to the app
-        self._buffered = 0
-        self._tick: anyio.Event | None = None  # set when a read ends or the app takes a message
-        self._started = False  # http.response.start was sent
-        self._trailers = False  # the response announced trailers
-        self._complete = False  # the app sent its final message: a later disconnect is a normal close
-        self._closed = False  # the server said http.disconnect (normal close or abort)
-        self._stopped = False  # the app returned: the watcher must not start
-        self._watcher: asyncio.Task[None] | anyio.CancelScope | None = None
-        self._error: Exception | None = None
-        self._app_told = False  # the app itself received http.disconnect: it was told
-        self._app_waiting = 0  # app calls blocked in receive(): they are told at once
-        self._cancel_handle: asyncio.Handle | None = None  # grace timer, then delivery
-        self._cancels = 0  # Task.cancel() calls made, to uncancel() at the end
-        # Set only where they are used, off the hot path: _read_ahead_ok (by a watcher),
-        # _warn_handle (when a cancellation begins), _tg and _app_scope (trio).
-        self._read_ahead_ok: bool | None
-        self._warn_handle: asyncio.TimerHandle
-        self._tg: anyio.abc.TaskGroup
-        self._app_scope: anyio.CancelScope
 
     # -- receive side ------------------------------------------------------------
 
@@ -244,15 +216,12 @@ class _Cycle(DisconnectState):
                 self._buffered += len(message.get("body", b""))
 
     async def _watch_in_scope(self) -> None:
-        self._read_ahead_ok = None
         with anyio.CancelScope() as scope:
             self._watcher = scope
             await self._watch()
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._stopped:
-            self._read_ahead_ok = None
-            self._watcher = loop.create_task(self._watch())
+        self._watcher = loop.create_task(self._watch())
 
     # -- send side ---------------------------------------------------------------
 
@@ -423,7 +392,7 @@ class DisconnectMiddleware:
             return
 
         loop = asyncio._get_running_loop()  # None, not an exception, under trio: cheaper
-        task = None if loop is None else asyncio.current_task(loop)
+        task = None if loop is None else _current_task(loop)
         if task is None:
             # trio, or a coroutine driven by hand outside any asyncio task
             cycle = _Cycle(self, scope, receive, send, None)
@@ -446,8 +415,10 @@ class DisconnectMiddleware:
                 if not (cycle.disconnected and self._absorbs(cycle, exc)):
                     raise
             finally:
-                cycle._finish()
-                if cycle._cancels and task is not None and sys.version_info >= (3, 11):
+                cycle._stopped = True
+                if cycle._watcher is not None or cycle._cancel_handle is not None:
+                    cycle._finish()
+                if cycle._cancels and sys.version_info >= (3, 11):
                     for _ in range(cycle._cancels):
                         task.uncancel()
         if cycle.disconnected:
@@ -465,9 +436,11 @@ class DisconnectMiddleware:
 
     def _start_watchers(self, loop: asyncio.AbstractEventLoop) -> None:
         for cycle in self._batches.pop(loop):
-            cycle._start_watcher(loop)
-        for stale in [other for other in self._batches if other.is_closed()]:
-            del self._batches[stale]  # a loop that closed before its callback ran
+            if not cycle._stopped:
+                cycle._start_watcher(loop)
+        if self._batches:  # other loops (threads): drop those that closed before their callback ran
+            for stale in [other for other in self._batches if other.is_closed()]:
+                del self._batches[stale]
 
     async def _call_in_task_group(self, cycle: _Cycle, app_scope: Scope) -> None:
         # Other event loops (trio): structured concurrency the plain way, with the app
