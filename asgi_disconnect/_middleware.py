@@ -77,6 +77,27 @@ def _is_disconnect_error(exc: BaseException, cancelled_ok: bool = False) -> bool
     return False
 
 
+def _raised_by(exc: BaseException, func: Any) -> bool:
+    """True if ``exc``, or an error in its chain, passed through ``func``'s frame."""
+    code = getattr(getattr(func, "__func__", func), "__code__", None)
+    if code is None:
+        return False  # a callable object or C function: its errors cannot be told apart
+    pending: list[BaseException] = [exc]
+    seen = 0
+    while pending and seen < 32:
+        current = pending.pop()
+        seen += 1
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        tb = current.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code is code:
+                return True
+            tb = tb.tb_next
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
+
+
 class _Cycle(DisconnectState):
     """One request's side of the middleware: the receive channel and the send wrapper.
 
@@ -112,14 +133,14 @@ class _Cycle(DisconnectState):
     _tg: anyio.abc.TaskGroup
     _app_scope: anyio.CancelScope
 
-    def __init__(
-        self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send, task: asyncio.Task[Any] | None
-    ) -> None:
-        # DisconnectState.__init__ inlined: a call costs a quarter of this constructor.
+    def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send, task: Any) -> None:
+        # No DisconnectState.__init__ call and only what differs from the class-level
+        # defaults: this constructor runs once per request.
         self.started_at = time.monotonic()
-        self.cancel = mw.cancel and not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
+        if mw.cancel:
+            self.cancel = not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
         self._mw = mw
-        self._task = task  # asyncio: the request's task, the target of a cancellation
+        self._task: asyncio.Task[Any] | None = task  # asyncio: the target of a cancellation
         self._scope = scope  # the server's scope, never the copy that holds the state
         self._receive = receive
         self._send = send
@@ -225,32 +246,28 @@ class _Cycle(DisconnectState):
 
     # -- send side ---------------------------------------------------------------
 
-    async def _app_send(self, message: Message) -> None:
+    def _app_send(self, message: Message) -> Awaitable[None]:
+        # A plain function returning the server's own awaitable: no coroutine frame of
+        # ours per message, which is most of what a wrapper costs a streaming response.
+        # A server's OSError therefore reaches the app as it is; __call__ recognises it.
         if self.disconnected:
             raise ClientDisconnected(f"client disconnected ({self.phase}); the response was not delivered")
         kind = message["type"]
         if kind == "http.response.body":
-            if not self._trailers and not message.get("more_body", False):
+            self.bytes_sent += len(message.get("body", b""))
+            if not message.get("more_body", False) and not self._trailers:
                 self._end_response()
         elif kind == "http.response.start":
             self._started = True
-            self._trailers = message.get("trailers", False)
+            if message.get("trailers", False):
+                self._trailers = True
         elif (
             kind == "http.response.pathsend"
             or (kind == "http.response.trailers" and not message.get("more_trailers", False))
             or (kind == "http.response.zerocopysend" and not message.get("more_body", False))
         ):
             self._end_response()
-        try:
-            await self._send(message)
-        except OSError as exc:
-            # An ASGI 2.4 server (or a broken transport) says the client is gone.
-            self._complete = False
-            self._started = self._started and kind != "http.response.start"
-            self._disconnected()
-            raise ClientDisconnected(f"client disconnected ({self.phase}): {exc}") from exc
-        if kind == "http.response.body":
-            self.bytes_sent += len(message.get("body", b""))
+        return self._send(message)
 
     def _end_response(self) -> None:
         # Complete before the server's send returns: a server that sees the client
@@ -412,7 +429,7 @@ class DisconnectMiddleware:
             try:
                 await self.app({**scope, SCOPE_KEY: cycle}, cycle._app_receive, cycle._app_send)
             except BaseException as exc:
-                if not (cycle.disconnected and self._absorbs(cycle, exc)):
+                if not self._absorbs(cycle, exc):
                     raise
             finally:
                 cycle._stopped = True
@@ -426,6 +443,12 @@ class DisconnectMiddleware:
 
     @staticmethod
     def _absorbs(cycle: _Cycle, exc: BaseException) -> bool:
+        if not cycle.disconnected:
+            if not (_is_disconnect_error(exc) and _raised_by(exc, cycle._send)):
+                return False
+            # A server that raises from send() (ASGI 2.4) told the app, not us.
+            cycle._complete = False
+            cycle._disconnected()
         if not cycle._cancels:
             return _is_disconnect_error(exc)
         # Our own cancellation escaping the app is absorbed, unless someone else asked
@@ -458,7 +481,7 @@ class DisconnectMiddleware:
             finally:
                 cycle._finish()
                 tg.cancel_scope.cancel()  # the watcher and the grace timer, nothing else is left
-        if error is not None and not (cycle.disconnected and _is_disconnect_error(error)):
+        if error is not None and not self._absorbs(cycle, error):
             try:
                 raise error
             finally:

@@ -25,6 +25,9 @@ class DisconnectState:
     detected_at: float | None = None
     #: Response body bytes the server accepted from the app.
     bytes_sent: int = 0
+    #: Whether the handler should be cancelled on an early disconnect; read at the
+    #: moment of the disconnect, so a handler may change it while it runs.
+    cancel: bool = False
     #: True once the middleware cancelled the handler.
     cancelled: bool = False
     _event: anyio.Event | None = None
@@ -32,8 +35,6 @@ class DisconnectState:
     def __init__(self, started_at: float, cancel: bool = False) -> None:
         #: ``time.monotonic()`` when the middleware received the request.
         self.started_at = started_at
-        #: Whether the handler should be cancelled on an early disconnect; read at the
-        #: moment of the disconnect, so a handler may change it while it runs.
         self.cancel = cancel
 
     async def wait(self) -> None:

@@ -392,23 +392,55 @@ async def test_mid_body_disconnect_records_phase_and_bytes() -> None:
     assert [e["phase"] for e in logs] == ["mid_body"]
 
 
-async def test_server_oserror_from_send_becomes_client_disconnected() -> None:
-    """An ASGI 2.4 server's OSError from send() reaches the app as ClientDisconnected."""
+async def test_server_oserror_from_send_is_recorded_and_absorbed() -> None:
+    """An ASGI 2.4 server's own OSError from send() reaches the app; escaping, it is an abort."""
     peer = Peer()
-    peer.send_error = BrokenPipeError("peer closed")
     caught: list[BaseException] = []
+    states: list[DisconnectState] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        states.append(disconnect_state(scope))
+        await send(START)
+        peer.send_error = BrokenPipeError("peer closed")
         try:
-            await send(START)
-        except ClientDisconnected as exc:
+            await send(body(b"chunk", more=True))
+        except OSError as exc:
             caught.append(exc)
             raise
 
     with capture_logs() as logs:
         await DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
-    assert isinstance(caught[0].__cause__, BrokenPipeError)
-    assert [e["phase"] for e in logs] == ["before_response"]
+    assert isinstance(caught[0], BrokenPipeError)
+    assert states[0].disconnected is True
+    assert [e["phase"] for e in logs] == ["mid_body"]
+
+
+async def test_starlette_wrapping_a_server_oserror_is_absorbed() -> None:
+    """Starlette's 2.4 path re-raises the server's OSError as ClientDisconnect: absorbed too."""
+    peer = Peer()
+    peer.send_error = ConnectionResetError("reset")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(START)
+        except OSError:
+            raise ClientDisconnect() from None
+
+    with capture_logs() as logs:
+        await DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
+    assert [e["event"] for e in logs] == ["client disconnected"]
+
+
+async def test_an_oserror_that_did_not_come_from_send_propagates() -> None:
+    """The app's own OSError while sending normally is not mistaken for the server's."""
+    peer = Peer()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+        raise ConnectionRefusedError("the app's upstream is down")
+
+    with pytest.raises(ConnectionRefusedError):
+        await DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
 
 
 def _raise_starlette() -> None:
