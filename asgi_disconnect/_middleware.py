@@ -137,6 +137,13 @@ class _Cycle(DisconnectState):
         # No DisconnectState.__init__ call and only what differs from the class-level
         # defaults: this constructor runs once per request.
         self.started_at = time.monotonic()
+        # Read on every request: instance attributes are read faster than class ones.
+        self.disconnected = False
+        self.bytes_sent = 0
+        self._trailers = False
+        self._watcher = None
+        self._cancel_handle = None
+        self._cancels = 0
         if mw.cancel:
             self.cancel = not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
         self._mw = mw
@@ -256,7 +263,10 @@ class _Cycle(DisconnectState):
         if kind == "http.response.body":
             self.bytes_sent += len(message.get("body", b""))
             if not message.get("more_body", False) and not self._trailers:
-                self._end_response()
+                # _end_response(), inlined for the message every response ends with.
+                self._complete = self._stopped = True
+                if self._watcher is not None:
+                    self._watcher.cancel()
         elif kind == "http.response.start":
             self._started = True
             if message.get("trailers", False):
@@ -410,12 +420,11 @@ class DisconnectMiddleware:
 
         loop = asyncio._get_running_loop()  # None, not an exception, under trio: cheaper
         task = None if loop is None else _current_task(loop)
-        if task is None:
+        if loop is None or task is None:
             # trio, or a coroutine driven by hand outside any asyncio task
             cycle = _Cycle(self, scope, receive, send, None)
             await self._call_in_task_group(cycle, {**scope, SCOPE_KEY: cycle})
         else:
-            assert loop is not None
             cycle = _Cycle(self, scope, receive, send, task)
             # A task per request costs more than this middleware's whole budget, so
             # watchers start from one callback per loop iteration, for the requests
