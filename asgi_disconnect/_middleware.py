@@ -33,6 +33,7 @@ else:  # pragma: no cover - 3.10 and 3.11: the same lookup without a Python-leve
     _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
+_WATCH_DELAY = 0.001  # seconds a request runs before a watcher starts for it
 _INSTALL_HINT = (
     "install DisconnectMiddleware in front of your app: `app = DisconnectMiddleware(app)`, "
     "`app.add_middleware(DisconnectMiddleware)` (Starlette, FastAPI) or "
@@ -426,14 +427,14 @@ class DisconnectMiddleware:
             await self._call_in_task_group(cycle, {**scope, SCOPE_KEY: cycle})
         else:
             cycle = _Cycle(self, scope, receive, send, task)
-            # A task per request costs more than this middleware's whole budget, so
-            # watchers start from one callback per loop iteration, for the requests
-            # still running by then: an app that answers without suspending never
-            # needs one, and one that suspends gets it within one loop iteration.
+            # A task per request costs more than this middleware's whole budget, so a
+            # timer per loop, ticking every millisecond while requests come in, starts
+            # watchers for the requests still running by then: an app that answers
+            # without suspending never needs one, and one that waits on anything gets
+            # it within a millisecond.
             batch = self._batches.get(loop)
             if batch is None:
-                batch = self._batches[loop] = []
-                loop.call_soon(self._start_watchers, loop)
+                batch = self._new_batch(loop)
             batch.append(cycle)
             try:
                 await self.app({**scope, SCOPE_KEY: cycle}, cycle._app_receive, cycle._app_send)
@@ -466,13 +467,24 @@ class DisconnectMiddleware:
         external = sys.version_info >= (3, 11) and task is not None and task.cancelling() > cycle._cancels
         return not external and _is_disconnect_error(exc, cancelled_ok=True)
 
+    def _new_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Cycle]:
+        for stale in [other for other in self._batches if other.is_closed()]:
+            del self._batches[stale]  # its loop closed while its timer was pending
+        batch: list[_Cycle] = []
+        self._batches[loop] = batch
+        loop.call_later(_WATCH_DELAY, self._start_watchers, loop)
+        return batch
+
     def _start_watchers(self, loop: asyncio.AbstractEventLoop) -> None:
-        for cycle in self._batches.pop(loop):
+        batch = self._batches[loop]
+        if not batch:
+            del self._batches[loop]  # no traffic for a tick: stop until the next request
+            return
+        self._batches[loop] = []
+        loop.call_later(_WATCH_DELAY, self._start_watchers, loop)
+        for cycle in batch:
             if not cycle._stopped:
                 cycle._start_watcher(loop)
-        if self._batches:  # other loops (threads): drop those that closed before their callback ran
-            for stale in [other for other in self._batches if other.is_closed()]:
-                del self._batches[stale]
 
     async def _call_in_task_group(self, cycle: _Cycle, app_scope: Scope) -> None:
         # Other event loops (trio): structured concurrency the plain way, with the app
