@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import anyio
@@ -43,3 +44,56 @@ def anyio_shielded(task: asyncio.Task[Any]) -> bool:
             return True
         scope = scope._parent_scope
     return False
+
+
+class NativeCanceller:
+    """Cancels an asyncio task at every ``await`` until stopped, like an anyio scope would.
+
+    It never cancels the task while it is inside an anyio-shielded scope (it retries a
+    millisecond later), and counts its ``Task.cancel()`` calls so that they can be taken
+    back with ``uncancel()`` once the cancellation has been absorbed.
+    """
+
+    __slots__ = ("_handle", "count", "task")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.count = 0
+        self._handle: asyncio.Handle | None = None
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._deliver()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def uncancel(self) -> None:
+        """Take back every cancellation this object requested (Python 3.11+)."""
+        if sys.version_info >= (3, 11):
+            for _ in range(self.count):
+                self.task.uncancel()
+        self.count = 0
+
+    def external(self) -> bool:
+        """Did someone else request a cancellation of the task as well?"""
+        return sys.version_info >= (3, 11) and self.task.cancelling() > self.count
+
+    def _deliver(self) -> None:
+        task = self.task
+        loop = task.get_loop()
+        if task.done():
+            self._handle = None
+            return
+        if anyio_shielded(task):
+            self._handle = loop.call_later(0.001, self._deliver)
+            return
+        # The same private fields anyio's own cancel scopes read: cancel only a task that
+        # waits on something not yet done, so that each cancel lands at an await.
+        waiter = task._fut_waiter  # type: ignore[attr-defined]
+        if not task._must_cancel and (waiter is None or not waiter.done()):  # type: ignore[attr-defined]
+            task.cancel("client disconnected")
+            self.count += 1
+        self._handle = loop.call_soon(self._deliver)

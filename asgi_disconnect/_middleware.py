@@ -12,7 +12,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from ._cancel import anyio_shielded
+from ._cancel import NativeCanceller
 from ._exceptions import ClientDisconnected
 from ._state import DisconnectState, Phase
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -125,8 +125,8 @@ class _Cycle(DisconnectState):
     _error: Exception | None = None
     _app_told = False  # the app itself received http.disconnect: it was told
     _app_waiting = 0  # app calls blocked in receive(): they are told at once
-    _cancel_handle: asyncio.Handle | None = None  # grace timer, then delivery
-    _cancels = 0  # Task.cancel() calls made, to uncancel() at the end
+    _cancel_handle: asyncio.Handle | None = None  # the grace timer
+    _canceller: NativeCanceller | None = None  # asyncio: delivers the cancellation
     _read_ahead_ok: bool | None = None  # from the request headers, on a watcher's first need
     # Set only where they are used: _warn_handle (when a cancellation begins), _tg and
     # _app_scope (trio).
@@ -144,7 +144,7 @@ class _Cycle(DisconnectState):
         self._trailers = False
         self._watcher = None
         self._cancel_handle = None
-        self._cancels = 0
+        self._canceller = None
         if mw.cancel:
             self.cancel = not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
         self._mw = mw
@@ -314,25 +314,11 @@ class _Cycle(DisconnectState):
             assert self._task is not None
             self.cancelled = True
             self._warn_handle = self._task.get_loop().call_later(self._mw.cancel_warn_after, self._warn_stuck)
-            self._deliver()
-
-    def _deliver(self) -> None:
-        # Level-triggered like anyio's own cancel scopes: the handler is cancelled at
-        # every await until it returns, except inside a shielded anyio scope (shield(),
-        # thread pool calls), where it waits for the scope to end.
-        task = self._task
-        assert task is not None
-        loop = task.get_loop()
-        if self._stopped:
-            return
-        if anyio_shielded(task):
-            self._cancel_handle = loop.call_later(0.001, self._deliver)
-            return
-        waiter = task._fut_waiter  # type: ignore[attr-defined]
-        if not task._must_cancel and (waiter is None or not waiter.done()):  # type: ignore[attr-defined]
-            task.cancel("client disconnected")
-            self._cancels += 1
-        self._cancel_handle = loop.call_soon(self._deliver)
+            # Level-triggered like anyio's own cancel scopes: the handler is cancelled at
+            # every await until it returns, except inside a shielded anyio scope
+            # (shield(), thread pool calls), where it waits for the scope to end.
+            self._canceller = NativeCanceller(self._task)
+            self._canceller.start()
 
     async def _cancel_after_grace(self) -> None:
         # trio (any non-asyncio loop): an anyio cancel scope around the app does it all.
@@ -363,7 +349,8 @@ class _Cycle(DisconnectState):
             self._watcher.cancel()
         if self._cancel_handle is not None:
             self._cancel_handle.cancel()
-        if self.cancelled and self._task is not None:
+        if self._canceller is not None:
+            self._canceller.stop()
             self._warn_handle.cancel()
 
 
@@ -443,11 +430,10 @@ class DisconnectMiddleware:
                     raise
             finally:
                 cycle._stopped = True
-                if cycle._watcher is not None or cycle._cancel_handle is not None:
+                if cycle._watcher is not None or cycle._cancel_handle is not None or cycle._canceller is not None:
                     cycle._finish()
-                if cycle._cancels and sys.version_info >= (3, 11):
-                    for _ in range(cycle._cancels):
-                        task.uncancel()
+                    if cycle._canceller is not None:
+                        cycle._canceller.uncancel()
         if cycle.disconnected:
             await self._report(scope, cycle)
 
@@ -459,13 +445,11 @@ class DisconnectMiddleware:
             # A server that raises from send() (ASGI 2.4) told the app, not us.
             cycle._complete = False
             cycle._disconnected()
-        if not cycle._cancels:
+        if cycle._canceller is None or not cycle._canceller.count:
             return _is_disconnect_error(exc)
         # Our own cancellation escaping the app is absorbed, unless someone else asked
         # for a cancellation too (the server shutting down): that one must propagate.
-        task = cycle._task
-        external = sys.version_info >= (3, 11) and task is not None and task.cancelling() > cycle._cancels
-        return not external and _is_disconnect_error(exc, cancelled_ok=True)
+        return not cycle._canceller.external() and _is_disconnect_error(exc, cancelled_ok=True)
 
     def _new_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Cycle]:
         for stale in [other for other in self._batches if other.is_closed()]:
