@@ -4,6 +4,7 @@ from ._cancel import shield
 from ._exceptions import ClientDisconnected
 from ._middleware import SCOPE_KEY, DisconnectMiddleware, disconnect_state
 from ._state import DisconnectState, Phase
+from ._stream import guard_stream
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,6 @@ __all__ = [
     "Phase",
     "__version__",
     "disconnect_state",
+    "guard_stream",
     "shield",
 ]

@@ -6,7 +6,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -16,6 +16,9 @@ from ._cancel import NativeCanceller
 from ._exceptions import ClientDisconnected
 from ._state import DisconnectState, Phase
 from ._types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from ._stream import _GuardedStream
 
 if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
     from exceptiongroup import BaseExceptionGroup
@@ -116,7 +119,7 @@ class _Cycle(DisconnectState):
     _buffer: deque[Message] | None = None  # read ahead, not yet handed to the app
     _buffered = 0
     _tick: anyio.Event | None = None  # set when a read ends or the app takes a message
-    _started = False  # http.response.start was sent
+    _started: Message | None = None  # the http.response.start message, once sent
     _trailers = False  # the response announced trailers
     _complete = False  # the app sent its final message: a later disconnect is a normal close
     _closed = False  # the server said http.disconnect (normal close or abort)
@@ -127,6 +130,7 @@ class _Cycle(DisconnectState):
     _app_waiting = 0  # app calls blocked in receive(): they are told at once
     _cancel_handle: asyncio.Handle | None = None  # the grace timer
     _canceller: NativeCanceller | None = None  # asyncio: delivers the cancellation
+    _streams: list[_GuardedStream[Any]] | None = None  # guard_stream bodies, closed if abandoned
     _read_ahead_ok: bool | None = None  # from the request headers, on a watcher's first need
     # Set only where they are used: _warn_handle (when a cancellation begins), _tg and
     # _app_scope (trio).
@@ -259,6 +263,8 @@ class _Cycle(DisconnectState):
         # ours per message, which is most of what a wrapper costs a streaming response.
         # A server's OSError therefore reaches the app as it is; __call__ recognises it.
         if self.disconnected:
+            if self._streams:
+                return self._close_streams(raise_after=True)
             raise ClientDisconnected(f"client disconnected ({self.phase}); the response was not delivered")
         kind = message["type"]
         if kind == "http.response.body":
@@ -269,7 +275,7 @@ class _Cycle(DisconnectState):
                 if self._watcher is not None:
                     self._watcher.cancel()
         elif kind == "http.response.start":
-            self._started = True
+            self._started = message
             if message.get("trailers", False):
                 self._trailers = True
         elif (
@@ -280,6 +286,47 @@ class _Cycle(DisconnectState):
             self._end_response()
         return self._send(message)
 
+    def _app_send_timed(self, message: Message) -> Awaitable[None]:
+        return self._within_send_timeout(self._app_send(message))
+
+    async def _within_send_timeout(self, sending: Awaitable[None]) -> None:
+        assert self._mw.send_timeout is not None
+        with anyio.move_on_after(self._mw.send_timeout) as timer:
+            await sending
+        if timer.cancelled_caught:
+            # A peer that stopped reading (half-open TCP, a stuck client): it is gone.
+            self._complete = False
+            self._disconnected("stalled")
+            raise ClientDisconnected(f"client stalled: one send blocked more than {self._mw.send_timeout} s")
+
+    def _register_stream(self, stream: _GuardedStream[Any]) -> None:
+        if self._streams is None:
+            self._streams = []
+        self._streams.append(stream)
+
+    async def _close_streams(self, raise_after: bool = False) -> None:
+        # The app abandoned a guard_stream body (its send failed mid-iteration): close
+        # it now, in this task, rather than at garbage collection in another one.
+        streams, self._streams = self._streams or [], []
+        for stream in streams:
+            await stream.aclose()
+        if raise_after:
+            raise ClientDisconnected(f"client disconnected ({self.phase}); the response was not delivered")
+
+    async def _send_heartbeat(self, frame: bytes) -> None:
+        """Send a heartbeat frame for guard_stream, if the response is an open stream."""
+        start = self._started
+        if not start or self._complete or self.disconnected:
+            return
+        if any(name.lower() == b"content-length" for name, _ in start.get("headers", ())):
+            return  # a framed body: extra bytes would corrupt it
+        try:
+            await self._send({"type": "http.response.body", "body": frame, "more_body": True})
+        except OSError:
+            self._disconnected()
+            return
+        self.bytes_sent += len(frame)
+
     def _end_response(self) -> None:
         # Complete before the server's send returns: a server that sees the client
         # close while flushing the last bytes must not turn it into an abort. And
@@ -289,10 +336,11 @@ class _Cycle(DisconnectState):
         if self._watcher is not None:
             self._watcher.cancel()
 
-    def _disconnected(self) -> None:
+    def _disconnected(self, phase: Phase | None = None) -> None:
         if self._complete or self.disconnected:
             return  # after the whole response: a normal close, not an abort
-        phase: Phase = "mid_body" if self._started else "before_response"
+        if phase is None:
+            phase = "mid_body" if self._started else "before_response"
         self._mark(phase, time.monotonic())
         if self.cancel:  # the policy as it stands at the moment of the disconnect
             if self._task is not None:
@@ -381,6 +429,7 @@ class DisconnectMiddleware:
         max_read_ahead: int = 64 * 1024,
         cancel_exclude: Sequence[str] = (),
         cancel_warn_after: float = 5.0,
+        send_timeout: float | None = None,
     ) -> None:
         if max_read_ahead < 0:
             raise ValueError(f"max_read_ahead must be >= 0 bytes, got {max_read_ahead!r}")
@@ -388,6 +437,8 @@ class DisconnectMiddleware:
             raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
         if cancel_warn_after <= 0:
             raise ValueError(f"cancel_warn_after must be > 0 seconds, got {cancel_warn_after!r}")
+        if send_timeout is not None and not send_timeout > 0:
+            raise ValueError(f"send_timeout must be > 0 seconds or None, got {send_timeout!r}")
         if isinstance(cancel_exclude, str):
             raise TypeError(f"cancel_exclude takes a sequence of path prefixes, got the string {cancel_exclude!r}")
         self.app = app
@@ -397,6 +448,7 @@ class DisconnectMiddleware:
         self.max_read_ahead = max_read_ahead
         self.cancel_exclude = tuple(cancel_exclude)
         self.cancel_warn_after = cancel_warn_after
+        self.send_timeout = send_timeout
         # Requests that started in the current event loop iteration, per loop (see
         # __call__): scheduling state, not request state.
         self._batches: dict[asyncio.AbstractEventLoop, list[_Cycle]] = {}
@@ -423,8 +475,9 @@ class DisconnectMiddleware:
             if batch is None:
                 batch = self._new_batch(loop)
             batch.append(cycle)
+            send_wrapper = cycle._app_send if self.send_timeout is None else cycle._app_send_timed
             try:
-                await self.app({**scope, SCOPE_KEY: cycle}, cycle._app_receive, cycle._app_send)
+                await self.app({**scope, SCOPE_KEY: cycle}, cycle._app_receive, send_wrapper)
             except BaseException as exc:
                 if not self._absorbs(cycle, exc):
                     raise
@@ -434,6 +487,8 @@ class DisconnectMiddleware:
                     cycle._finish()
                     if cycle._canceller is not None:
                         cycle._canceller.uncancel()
+        if cycle._streams:
+            await cycle._close_streams()
         if cycle.disconnected:
             await self._report(scope, cycle)
 
@@ -478,8 +533,9 @@ class DisconnectMiddleware:
             cycle._tg = tg
             tg.start_soon(cycle._watch_in_scope)
             try:
+                send_wrapper = cycle._app_send if self.send_timeout is None else cycle._app_send_timed
                 with anyio.CancelScope() as cycle._app_scope:
-                    await self.app(app_scope, cycle._app_receive, cycle._app_send)
+                    await self.app(app_scope, cycle._app_receive, send_wrapper)
             except Exception as exc:
                 # Raised outside the task group, so it is not wrapped in an ExceptionGroup.
                 error = exc

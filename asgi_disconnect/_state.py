@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import anyio
 
-#: Where a disconnect happened: before the app started its response, or mid-body.
-Phase = Literal["before_response", "mid_body"]
+#: Where a disconnect happened: before the app started its response, mid-body, or a
+#: client that stopped reading ("stalled": one send blocked longer than allowed).
+Phase = Literal["before_response", "mid_body", "stalled"]
 
 
 class DisconnectState:
@@ -31,6 +33,7 @@ class DisconnectState:
     #: True once the middleware cancelled the handler.
     cancelled: bool = False
     _event: anyio.Event | None = None
+    _on_disconnect: list[Callable[[], None]] | None = None  # run by _mark (guard_stream)
 
     def __init__(self, started_at: float, cancel: bool = False) -> None:
         #: ``time.monotonic()`` when the middleware received the request.
@@ -52,6 +55,9 @@ class DisconnectState:
         self.detected_at = now
         if self._event is not None:
             self._event.set()
+        if self._on_disconnect is not None:
+            for callback in self._on_disconnect:
+                callback()
 
     def __repr__(self) -> str:
         if not self.disconnected:
