@@ -5,7 +5,7 @@ import inspect
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -44,7 +44,7 @@ _INSTALL_HINT = (
 )
 
 
-def disconnect_state(scope: Scope) -> DisconnectState:
+def disconnect_state(scope: Mapping[str, Any]) -> DisconnectState:
     """Return the request's ``DisconnectState``.
 
     Raises ``LookupError`` when ``DisconnectMiddleware`` is not installed in front of
@@ -69,6 +69,9 @@ def _is_disconnect_error(exc: BaseException, cancelled_ok: bool = False) -> bool
     current: BaseException | None = exc
     # Litestar and others re-raise as their own error: follow the chain, a bounded walk.
     while current is not None and seen < 16:
+        if isinstance(current, BaseExceptionGroup):
+            # e.g. LitestarException from ExceptionGroup([ClientDisconnected]) of a task group
+            return all(_is_disconnect_error(e, cancelled_ok) for e in current.exceptions)
         if isinstance(current, OSError):
             return True
         if any(
@@ -453,7 +456,9 @@ class DisconnectMiddleware:
         # __call__): scheduling state, not request state.
         self._batches: dict[asyncio.AbstractEventLoop, list[_Cycle]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    # Any, not the Scope alias: Litestar types its scopes as TypedDicts, Starlette as
+    # MutableMapping; a parameter typed Any lets both pass the middleware under mypy.
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or SCOPE_KEY in scope:
             await self.app(scope, receive, send)
             return

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
 from ._cancel import NativeCanceller, shield
-from ._types import Scope
 
 if TYPE_CHECKING:
     from ._state import DisconnectState
@@ -20,7 +19,7 @@ T = TypeVar("T")
 
 def guard_stream(
     body: AsyncIterable[T],
-    scope: Scope,
+    scope: Mapping[str, Any],
     *,
     heartbeat: float | None = None,
     heartbeat_frame: bytes = b": ping\n\n",

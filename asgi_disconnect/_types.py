@@ -1,8 +1,9 @@
 """ASGI type aliases.
 
-They are structural and identical in shape to Starlette's (``starlette.types``), so the
-middleware type-checks when it is passed to ``app.add_middleware`` or Litestar's
-``middleware=[...]`` without casts.
+Scope, Message, Receive and Send have the shape of Starlette's (``starlette.types``).
+The middleware's own signature takes ``Any`` where frameworks disagree (Litestar's
+scopes are TypedDicts), so it type-checks in ``app.add_middleware(...)`` and in
+Litestar's ``middleware=[...]`` without casts.
 """
 
 from __future__ import annotations
@@ -14,4 +15,5 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# The wrapped app takes whatever its framework's types say (TypedDict scopes in Litestar).
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]

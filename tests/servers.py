@@ -67,7 +67,7 @@ async def run_server(app: ASGIApp, kind: ServerKind) -> AsyncIterator[int]:
             hconfig.errorlog = logging.getLogger("hypercorn.error")
             hconfig.graceful_timeout = 1
             stop = anyio.Event()
-            tg.start_soon(lambda: serve(app, hconfig, shutdown_trigger=stop.wait, mode="asgi"))  # type: ignore[arg-type]
+            tg.start_soon(lambda: serve(app, hconfig, shutdown_trigger=stop.wait, mode="asgi"))
             try:
                 await wait_for_port(port)
                 yield port

@@ -1,0 +1,255 @@
+"""An LLM proxy whose client leaves mid-answer: the upstream stream must stop at once.
+
+Run: ``python examples/llm_proxy.py``. It starts ``fake_llm_upstream.py`` (next to this
+file) as a separate process on a free loopback port, then serves a Starlette proxy with
+uvicorn: ``GET /chat`` relays the upstream's token stream through an
+``httpx.AsyncClient`` stream. A raw-socket client reads a few tokens and aborts (TCP
+RST). The run is done twice and reported side by side:
+
+- **asgi-disconnect**: ``DisconnectMiddleware`` in front of the app, the relay generator
+  wrapped in ``guard_stream``. Checked: the relay's ``finally`` (which closes the httpx
+  response) runs within 1 s of the abort, the upstream has no stream open within 2 s,
+  and it produced at most 5 tokens after the proxy detected the abort.
+- **bare Starlette** (no middleware, no ``guard_stream``): the same relay generator in a
+  plain ``StreamingResponse``. Measured and printed, not checked. On servers that
+  advertise ASGI spec < 2.4 (uvicorn, hypercorn) Starlette's ``StreamingResponse`` runs
+  its own disconnect listener and cancels the stream task, so this proxy stops too; the
+  row shows what that costs. Servers that advertise 2.4 get no listener from Starlette:
+  there only the failing ``send()`` (the next token) stops the stream.
+
+Exits 0 when every check passes, 1 otherwise. Needs asgi-disconnect, starlette, uvicorn
+and httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from asgi_disconnect import DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream
+
+UPSTREAM_SCRIPT = Path(__file__).with_name("fake_llm_upstream.py")
+TOKENS = 2000  # the upstream would take ~10 s to produce them all
+READ_TOKENS = 3  # the client leaves after reading this many
+FINALLY_WITHIN = 1.0  # seconds from the abort to the relay's finally
+UPSTREAM_CLOSED_WITHIN = 2.0  # seconds from the abort to "no stream open" upstream
+MAX_TOKENS_AFTER_DETECTION = 5
+
+
+# -- the proxy -------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """What one relayed stream did, for the report."""
+
+    received: int = 0  # tokens the proxy got from the upstream
+    finally_at: float | None = None  # time.monotonic() when the relay's finally began
+    closed_at: float | None = None  # ... and when the upstream response was closed
+    state: DisconnectState | None = None  # with the middleware only
+
+
+async def relay(client: httpx.AsyncClient, url: str, trace: Trace) -> AsyncIterator[bytes]:
+    """Relay the upstream's SSE tokens; close the upstream response however this ends."""
+    async with client.stream("GET", url) as response:
+        try:
+            async for line in response.aiter_lines():  # bounded: the upstream sends at most TOKENS
+                if line.startswith("data: "):
+                    trace.received += 1
+                    yield f"{line}\n\n".encode()
+        finally:
+            trace.finally_at = time.monotonic()
+            await response.aclose()  # closes the connection: the upstream stops generating
+            trace.closed_at = time.monotonic()
+
+
+def build_proxy(client: httpx.AsyncClient, upstream: str, traces: dict[str, Trace], guarded: bool) -> ASGIApp:
+    async def chat(request: Request) -> StreamingResponse:
+        stream_id = request.query_params["id"]
+        trace = traces[stream_id] = Trace()
+        body = relay(client, f"{upstream}/v1/stream?tokens={TOKENS}&id={stream_id}", trace)
+        if not guarded:
+            return StreamingResponse(body, media_type="text/event-stream")
+        trace.state = disconnect_state(request.scope)
+        return StreamingResponse(guard_stream(body, request.scope), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/chat", chat)])
+    return DisconnectMiddleware(app) if guarded else app
+
+
+# -- the upstream process, the proxy's server and the client -----------------------------
+
+
+@contextlib.contextmanager
+def upstream_process() -> Iterator[str]:
+    """Start the fake upstream on a free loopback port; yield its base URL; stop it."""
+    proc = subprocess.Popen(
+        [sys.executable, str(UPSTREAM_SCRIPT), "--port", "0", "--exit-on-stdin-eof", "--max-seconds", "120"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 15)  # one line, within 15 s
+        line = proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"upstream did not start (exit code {proc.poll()}): {line!r}")
+        yield line.removeprefix("listening on ").strip()
+    finally:
+        proc.terminate()  # our own child, by its PID
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextlib.asynccontextmanager
+async def serve(app: ASGIApp) -> AsyncIterator[int]:
+    """Serve ``app`` with uvicorn on a free port of 127.0.0.1; yield the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):  # at most 5 s to start
+            if server.started or serving.done():
+                break
+            await asyncio.sleep(0.01)
+        if not server.started:
+            raise RuntimeError("the proxy's server did not start")
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+        sock.close()
+
+
+def read_then_abort(port: int, path: str, marker: bytes) -> float:
+    """Request ``path``, read until ``marker``, then leave with a TCP RST; return when."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        data = b""
+        deadline = time.monotonic() + 5
+        while marker not in data:
+            if time.monotonic() > deadline or len(data) > 1 << 20:
+                raise RuntimeError(f"{marker!r} not received: {data[:200]!r}")
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"connection closed before {marker!r}")
+            data += chunk
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        left_at = time.monotonic()
+    return left_at  # the with block closed the socket: an abortive close (RST)
+
+
+# -- one run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    finally_after: float | None  # seconds from the abort to the relay's finally
+    upstream_closed_after: float | None  # seconds from the abort to "stream closed" upstream
+    tokens_after_abort: int  # produced upstream after the client left
+    tokens_after_detection: int | None  # ... after the proxy detected it (middleware only)
+    produced: int  # by the upstream for this stream, in all
+    received: int  # by the proxy
+
+
+async def upstream_stats(client: httpx.AsyncClient, upstream: str, stream_id: str, since: float) -> dict[str, int]:
+    response = await client.get(f"{upstream}/stats", params={"id": stream_id, "since": repr(since)})
+    stream: dict[str, int] = response.json()["stream"]
+    return stream
+
+
+async def run(upstream: str, guarded: bool) -> Result:
+    traces: dict[str, Trace] = {}
+    stream_id = uuid.uuid4().hex
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        async with serve(build_proxy(client, upstream, traces, guarded)) as port:
+            marker = f"tok{READ_TOKENS - 1}\n".encode()
+            left_at = await asyncio.to_thread(read_then_abort, port, f"/chat?id={stream_id}", marker)
+            trace = traces[stream_id]
+            for _ in range(100):  # at most ~1 s for the relay's finally
+                if trace.finally_at is not None:
+                    break
+                await asyncio.sleep(0.01)
+            upstream_closed_at = None
+            for _ in range(100):  # at most ~2 s (each poll is a request) for the upstream to close it
+                stats = await upstream_stats(client, upstream, stream_id, left_at)
+                if not stats["open"]:
+                    upstream_closed_at = time.monotonic()
+                    break
+                await asyncio.sleep(0.02)
+            stats = await upstream_stats(client, upstream, stream_id, left_at)
+            after_detection = None
+            if trace.state is not None and trace.state.detected_at is not None:
+                detected = await upstream_stats(client, upstream, stream_id, trace.state.detected_at)
+                after_detection = detected["produced_since"]
+    return Result(
+        finally_after=None if trace.finally_at is None else trace.finally_at - left_at,
+        upstream_closed_after=None if upstream_closed_at is None else upstream_closed_at - left_at,
+        tokens_after_abort=stats["produced_since"],
+        tokens_after_detection=after_detection,
+        produced=stats["produced"],
+        received=trace.received,
+    )
+
+
+def seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value * 1000:.1f} ms"
+
+
+async def main() -> int:
+    with upstream_process() as upstream:
+        guarded = await run(upstream, guarded=True)
+        bare = await run(upstream, guarded=False)
+    print(f"the client reads {READ_TOKENS} tokens of {TOKENS} (one every 5 ms), then aborts (RST)")
+    print(f"{'':34}{'asgi-disconnect':>18}{'bare Starlette':>18}")
+    rows = [
+        ("relay finally after the abort", seconds(guarded.finally_after), seconds(bare.finally_after)),
+        ("upstream stream closed after", seconds(guarded.upstream_closed_after), seconds(bare.upstream_closed_after)),
+        ("upstream tokens after the abort", str(guarded.tokens_after_abort), str(bare.tokens_after_abort)),
+        ("... after detection", str(guarded.tokens_after_detection), "n/a"),
+        ("upstream tokens produced", str(guarded.produced), str(bare.produced)),
+        ("tokens the proxy received", str(guarded.received), str(bare.received)),
+    ]
+    for label, left, right in rows:
+        print(f"{label:34}{left:>18}{right:>18}")
+    failures = []
+    if guarded.finally_after is None or guarded.finally_after > FINALLY_WITHIN:
+        failures.append(f"the relay's finally did not run within {FINALLY_WITHIN} s")
+    if guarded.upstream_closed_after is None or guarded.upstream_closed_after > UPSTREAM_CLOSED_WITHIN:
+        failures.append(f"the upstream still had the stream open {UPSTREAM_CLOSED_WITHIN} s after the abort")
+    if guarded.tokens_after_detection is None or guarded.tokens_after_detection > MAX_TOKENS_AFTER_DETECTION:
+        failures.append(f"the upstream produced {guarded.tokens_after_detection} tokens after detection")
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    if not failures:
+        print("OK: with asgi-disconnect the upstream stream stopped at once")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

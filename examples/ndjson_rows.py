@@ -1,0 +1,259 @@
+"""Stream database rows as NDJSON; when the client leaves, the cursor and connection must close.
+
+Run: ``python examples/ndjson_rows.py``. It writes a SQLite table of 100,000 rows to a
+temporary file, then serves a Starlette app with uvicorn on a free loopback port.
+``GET /rows`` reads the table through an ``aiosqlite`` cursor, 1000 rows per batch with
+10 ms between batches (a slow query), and streams one JSON object per line. A raw-socket
+client reads a few batches and aborts (TCP RST). The run is done twice:
+
+- **asgi-disconnect**: ``DisconnectMiddleware`` and ``guard_stream``. Checked: the
+  generator closed its cursor and its connection (their cleanup runs inside
+  ``shield()``, which any interruption respects) within 1 s of the abort; nobody holds
+  the database any more, seen from outside: a second connection takes an EXCLUSIVE lock
+  at once (an open cursor mid-read holds a SHARED lock, which blocks it); aiosqlite's
+  worker thread for the connection has ended; and the stream produced at most one batch
+  after the middleware detected the abort.
+- **bare Starlette**: the same generator in a plain ``StreamingResponse``. Measured and
+  printed, not checked. On servers that advertise ASGI spec < 2.4 (uvicorn, hypercorn)
+  Starlette's ``StreamingResponse`` runs its own disconnect listener and cancels the
+  stream task, so the cursor is closed here too (thanks to the shielded cleanup).
+
+Exits 0 when every check passes, 1 otherwise. Needs asgi-disconnect, starlette, uvicorn
+and aiosqlite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import sqlite3
+import struct
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosqlite
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from asgi_disconnect import DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream, shield
+
+ROWS = 100_000
+BATCH = 1000  # rows per fetch, one chunk of the response
+BATCH_DELAY = 0.01  # seconds before each fetch: a slow query
+READ_ROWS = 2500  # the client leaves once it has seen this row id
+CLOSED_WITHIN = 1.0  # seconds from the abort to the cursor and connection being closed
+WORKER = "_connection_worker_thread"  # aiosqlite's thread target, part of the thread's name
+
+
+@dataclass
+class Trace:
+    batches_at: list[float] = field(default_factory=list)  # time.monotonic() of each batch produced
+    cursor_closed_at: float | None = None
+    connection_closed_at: float | None = None
+    connection: aiosqlite.Connection | None = None  # kept only to clean up after a failed run
+    state: DisconnectState | None = None  # with the middleware only
+
+
+def create_table(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT NOT NULL, amount REAL NOT NULL)")
+        db.executemany(
+            "INSERT INTO items (id, name, amount) VALUES (?, ?, ?)",
+            ((i, f"item-{i}", i * 0.25) for i in range(1, ROWS + 1)),
+        )
+
+
+async def ndjson_rows(path: Path, trace: Trace) -> AsyncIterator[bytes]:
+    db = await aiosqlite.connect(path)
+    trace.connection = db
+    try:
+        cursor = await db.execute("SELECT id, name, amount FROM items ORDER BY id")
+        try:
+            for _ in range(ROWS // BATCH + 1):
+                await asyncio.sleep(BATCH_DELAY)
+                rows = await cursor.fetchmany(BATCH)
+                if not rows:
+                    break
+                trace.batches_at.append(time.monotonic())
+                yield "".join(
+                    json.dumps({"id": row[0], "name": row[1], "amount": row[2]}) + "\n" for row in rows
+                ).encode()
+        finally:
+            # shield(): the interruption that ended the loop (guard_stream's, or
+            # Starlette's own disconnect listener) lands at every await until the
+            # generator is done. Unshielded, this close would be cancelled and the
+            # connection below never closed: a reader holding its lock, and a thread.
+            with shield():
+                await cursor.close()
+            trace.cursor_closed_at = time.monotonic()
+    finally:
+        with shield():
+            await db.close()
+        trace.connection_closed_at = time.monotonic()
+
+
+def build_app(path: Path, traces: list[Trace], guarded: bool) -> ASGIApp:
+    async def rows(request: Request) -> StreamingResponse:
+        trace = Trace()
+        traces.append(trace)
+        if not guarded:
+            return StreamingResponse(ndjson_rows(path, trace), media_type="application/x-ndjson")
+        trace.state = disconnect_state(request.scope)
+        return StreamingResponse(
+            guard_stream(ndjson_rows(path, trace), request.scope), media_type="application/x-ndjson"
+        )
+
+    app = Starlette(routes=[Route("/rows", rows)])
+    return DisconnectMiddleware(app) if guarded else app
+
+
+def database_is_free(path: Path) -> bool:
+    """True if a second connection can take an EXCLUSIVE lock now: no reader holds the file."""
+    with contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as db:
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError:  # "database is locked"
+            return False
+        db.execute("ROLLBACK")
+        return True
+
+
+def worker_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if WORKER in thread.name}
+
+
+@contextlib.asynccontextmanager
+async def serve(app: ASGIApp) -> AsyncIterator[int]:
+    """Serve ``app`` with uvicorn on a free port of 127.0.0.1; yield the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):  # at most 5 s to start
+            if server.started or serving.done():
+                break
+            await asyncio.sleep(0.01)
+        if not server.started:
+            raise RuntimeError("the server did not start")
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+        sock.close()
+
+
+def read_then_abort(port: int, path: str, marker: bytes) -> float:
+    """Request ``path``, read until ``marker``, then leave with a TCP RST; return when."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        data = b""
+        deadline = time.monotonic() + 5
+        while marker not in data:
+            if time.monotonic() > deadline or len(data) > 1 << 24:
+                raise RuntimeError(f"{marker!r} not received: {data[:200]!r}")
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError(f"connection closed before {marker!r}")
+            data += chunk
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        left_at = time.monotonic()
+    return left_at  # the with block closed the socket: an abortive close (RST)
+
+
+@dataclass
+class Result:
+    cursor_closed_after: float | None  # seconds from the abort
+    connection_closed_after: float | None
+    database_free: bool  # a second connection could take an EXCLUSIVE lock
+    worker_thread_ended: bool
+    batches: int  # produced in all
+    batches_after_detection: int | None
+
+
+async def run(path: Path, guarded: bool) -> Result:
+    traces: list[Trace] = []
+    threads_before = worker_threads()
+    async with serve(build_app(path, traces, guarded)) as port:
+        marker = f'{{"id": {READ_ROWS},'.encode()
+        left_at = await asyncio.to_thread(read_then_abort, port, "/rows", marker)
+        trace = traces[0]
+        for _ in range(100):  # at most ~1 s for the cursor and the connection to close
+            if trace.connection_closed_at is not None:
+                break
+            await asyncio.sleep(0.01)
+        free = ended = False
+        for _ in range(100):  # at most ~1 s more for the effects to be seen from outside
+            free = database_is_free(path)
+            ended = not (worker_threads() - threads_before)
+            if free and ended:
+                break
+            await asyncio.sleep(0.01)
+        after_detection = None
+        if trace.state is not None and trace.state.detected_at is not None:
+            detected_at = trace.state.detected_at
+            after_detection = sum(1 for t in trace.batches_at if t > detected_at)
+    if trace.connection is not None and trace.connection_closed_at is None:
+        await trace.connection.close()  # a leaked connection: report it, then do not leave it open
+    return Result(
+        cursor_closed_after=None if trace.cursor_closed_at is None else trace.cursor_closed_at - left_at,
+        connection_closed_after=None if trace.connection_closed_at is None else trace.connection_closed_at - left_at,
+        database_free=free,
+        worker_thread_ended=ended,
+        batches=len(trace.batches_at),
+        batches_after_detection=after_detection,
+    )
+
+
+def seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value * 1000:.1f} ms"
+
+
+async def main() -> int:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "rows.sqlite3"
+        await asyncio.to_thread(create_table, path)
+        guarded = await run(path, guarded=True)
+        bare = await run(path, guarded=False)
+    print(f"the client reads {READ_ROWS} of {ROWS} rows ({BATCH} per batch, one every 10 ms+), then aborts (RST)")
+    print(f"{'':34}{'asgi-disconnect':>18}{'bare Starlette':>18}")
+    rows = [
+        ("cursor closed after the abort", seconds(guarded.cursor_closed_after), seconds(bare.cursor_closed_after)),
+        ("connection closed after", seconds(guarded.connection_closed_after), seconds(bare.connection_closed_after)),
+        ("EXCLUSIVE lock available", str(guarded.database_free), str(bare.database_free)),
+        ("aiosqlite thread ended", str(guarded.worker_thread_ended), str(bare.worker_thread_ended)),
+        ("batches produced", str(guarded.batches), str(bare.batches)),
+        ("batches after detection", str(guarded.batches_after_detection), "n/a"),
+    ]
+    for label, left, right in rows:
+        print(f"{label:34}{left:>18}{right:>18}")
+    failures = []
+    for what, after in (("cursor", guarded.cursor_closed_after), ("connection", guarded.connection_closed_after)):
+        if after is None or after > CLOSED_WITHIN:
+            failures.append(f"the {what} was not closed within {CLOSED_WITHIN} s")
+    if not guarded.database_free:
+        failures.append("another connection still holds a lock on the database")
+    if not guarded.worker_thread_ended:
+        failures.append("aiosqlite's worker thread is still running")
+    if guarded.batches_after_detection is None or guarded.batches_after_detection > 1:
+        failures.append(f"{guarded.batches_after_detection} batches produced after detection")
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    if not failures:
+        print("OK: with asgi-disconnect the cursor and the connection were closed at once")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
