@@ -8,9 +8,11 @@ then logs only to stderr. It serves on 127.0.0.1 only:
   ``--interval`` seconds (5 ms by default), up to ``tokens`` tokens. Each token is
   counted when it is produced, as a GPU or a billing meter would.
 - ``GET /stats[?id=ID][&since=T]``: JSON, ``{"produced": N, "open": N}`` over all
-  streams, plus ``"stream": {"produced", "open", "produced_since"}`` for stream ``ID``:
-  the tokens it produced after ``time.monotonic()`` value ``T`` (the clock is shared by
-  every process on the machine, so a client can pass its own monotonic time).
+  streams, plus ``"stream": {"produced", "open", "closed_at", "produced_since"}`` for
+  stream ``ID``: ``produced_since`` counts the tokens it produced after
+  ``time.monotonic()`` value ``T``, and ``closed_at`` is the ``time.monotonic()`` value
+  when the stream's generator finished. The monotonic clock is shared by every process
+  on the machine, so a client can compare these with its own.
 
 It notices its own client leaving: ``DisconnectMiddleware`` watches the connection and
 ``guard_stream`` interrupts the generator while it "generates", so an abandoned stream
@@ -49,6 +51,7 @@ MAX_TRACKED = 256  # streams whose per-stream stats are kept
 class StreamStats:
     produced_at: list[float] = field(default_factory=list)  # time.monotonic() of each token
     open: bool = True
+    closed_at: float | None = None  # time.monotonic() when the generator's finally ran
 
 
 @dataclass
@@ -79,6 +82,7 @@ def build_app(interval: float) -> DisconnectMiddleware:
         finally:
             stats.open -= 1
             record.open = False
+            record.closed_at = time.monotonic()
 
     async def stream(request: Request) -> StreamingResponse:
         count = min(int(request.query_params.get("tokens", "2000")), MAX_TOKENS)
@@ -100,6 +104,7 @@ def build_app(interval: float) -> DisconnectMiddleware:
                 answer["stream"] = {
                     "produced": len(record.produced_at),
                     "open": record.open,
+                    "closed_at": record.closed_at,
                     "produced_since": sum(1 for t in record.produced_at if t > since),
                 }
         return JSONResponse(answer)
