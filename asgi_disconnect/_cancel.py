@@ -47,17 +47,19 @@ def anyio_shielded(task: asyncio.Task[Any]) -> bool:
 
 
 class NativeCanceller:
-    """Cancels an asyncio task at every ``await`` until stopped, like an anyio scope would.
+    """Cancels an asyncio task at every ``await`` until stopped, like an anyio scope would
+    (or once, with ``once=True``).
 
     It never cancels the task while it is inside an anyio-shielded scope (it retries a
     millisecond later), and counts its ``Task.cancel()`` calls so that they can be taken
     back with ``uncancel()`` once the cancellation has been absorbed.
     """
 
-    __slots__ = ("_handle", "count", "task")
+    __slots__ = ("_handle", "count", "once", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any], once: bool = False) -> None:
         self.task = task
+        self.once = once  # stop after the first cancel that is delivered (edge-triggered)
         self.count = 0
         self._handle: asyncio.Handle | None = None
 
@@ -96,4 +98,7 @@ class NativeCanceller:
         if not task._must_cancel and (waiter is None or not waiter.done()):  # type: ignore[attr-defined]
             task.cancel("client disconnected")
             self.count += 1
+            if self.once:
+                self._handle = None
+                return
         self._handle = loop.call_soon(self._deliver)

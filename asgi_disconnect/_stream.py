@@ -31,7 +31,10 @@ def guard_stream(
       no chunk produced after the disconnect is detected is passed on.
     - It always closes ``body`` (``aclose()``) in the task that iterates it, before the
       response returns: the generator's ``finally`` runs then, never at garbage
-      collection and never in another task.
+      collection and never in another task. On asyncio the interruption is a single
+      cancellation, so the ``finally`` may await its cleanup; on trio, and whenever a
+      framework cancels the stream itself, cancellation is level-triggered: put
+      cleanup awaits inside ``shield()`` to be safe everywhere.
     - With ``heartbeat`` (seconds), ``heartbeat_frame`` is sent to the client whenever
       the body has produced nothing for that long (an SSE comment by default), which
       keeps proxies from closing an idle stream and finds dead clients sooner. The
@@ -116,7 +119,9 @@ class _GuardedStream(Generic[T]):
         self._waiting = True
         try:
             if task is not None:
-                self._stop = NativeCanceller(task)
+                # Once: the wait is interrupted, and the body's own cleanup (its finally,
+                # which runs inside this anext) is not cancelled again.
+                self._stop = NativeCanceller(task, once=True)
                 try:
                     return await anext(iterator)
                 except asyncio.CancelledError:

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -177,9 +178,9 @@ class Result:
     received: int  # by the proxy
 
 
-async def upstream_stats(client: httpx.AsyncClient, upstream: str, stream_id: str, since: float) -> dict[str, int]:
+async def upstream_stats(client: httpx.AsyncClient, upstream: str, stream_id: str, since: float) -> dict[str, Any]:
     response = await client.get(f"{upstream}/stats", params={"id": stream_id, "since": repr(since)})
-    stream: dict[str, int] = response.json()["stream"]
+    stream: dict[str, Any] = response.json()["stream"]
     return stream
 
 
@@ -191,25 +192,26 @@ async def run(upstream: str, guarded: bool) -> Result:
             marker = f"tok{READ_TOKENS - 1}\n".encode()
             left_at = await asyncio.to_thread(read_then_abort, port, f"/chat?id={stream_id}", marker)
             trace = traces[stream_id]
-            for _ in range(100):  # at most ~1 s for the relay's finally
+            for _ in range(200):  # at most ~1 s for the relay's finally
                 if trace.finally_at is not None:
                     break
-                await asyncio.sleep(0.01)
-            upstream_closed_at = None
-            for _ in range(100):  # at most ~2 s (each poll is a request) for the upstream to close it
-                stats = await upstream_stats(client, upstream, stream_id, left_at)
-                if not stats["open"]:
-                    upstream_closed_at = time.monotonic()
-                    break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.005)
+            deadline = left_at + UPSTREAM_CLOSED_WITHIN
             stats = await upstream_stats(client, upstream, stream_id, left_at)
+            for _ in range(200):  # each poll is a request: bounded by count and by time
+                if not stats["open"] or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.005)
+                stats = await upstream_stats(client, upstream, stream_id, left_at)
             after_detection = None
             if trace.state is not None and trace.state.detected_at is not None:
                 detected = await upstream_stats(client, upstream, stream_id, trace.state.detected_at)
                 after_detection = detected["produced_since"]
+    # closed_at is the upstream's time.monotonic(): the same clock as ours on one machine.
+    closed_at: float | None = stats["closed_at"]
     return Result(
         finally_after=None if trace.finally_at is None else trace.finally_at - left_at,
-        upstream_closed_after=None if upstream_closed_at is None else upstream_closed_at - left_at,
+        upstream_closed_after=None if closed_at is None else closed_at - left_at,
         tokens_after_abort=stats["produced_since"],
         tokens_after_detection=after_detection,
         produced=stats["produced"],
@@ -221,10 +223,10 @@ def seconds(value: float | None) -> str:
     return "never" if value is None else f"{value * 1000:.1f} ms"
 
 
-async def main() -> int:
+def main() -> int:
     with upstream_process() as upstream:
-        guarded = await run(upstream, guarded=True)
-        bare = await run(upstream, guarded=False)
+        guarded = asyncio.run(run(upstream, guarded=True))
+        bare = asyncio.run(run(upstream, guarded=False))
     print(f"the client reads {READ_TOKENS} tokens of {TOKENS} (one every 5 ms), then aborts (RST)")
     print(f"{'':34}{'asgi-disconnect':>18}{'bare Starlette':>18}")
     rows = [
@@ -252,4 +254,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())

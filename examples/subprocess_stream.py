@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import struct
 import sys
@@ -110,6 +111,14 @@ def build_app(traces: list[Trace], guarded: bool) -> ASGIApp:
     return DisconnectMiddleware(app) if guarded else app
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...), if any."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def pid_state(pid: int) -> str:
     """``"gone"``, ``"zombie"`` (exited, not reaped) or ``"running"``."""
     try:
@@ -117,13 +126,17 @@ def pid_state(pid: int) -> str:
     except ProcessLookupError:
         return "gone"
     except PermissionError:
-        return "running"  # someone else's process: the PID was reused
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        # "pid (comm) S ...": the state letter follows the last parenthesis.
-        if stat.read_text().rpartition(")")[2].split()[0] == "Z":
-            return "zombie"
-    return "running"
+        return "running"  # not ours any more: the PID was reused
+    fields = proc_stat(pid)
+    return "zombie" if fields is not None and fields[0] == "Z" else "running"
+
+
+def kill_leftover(pid: int) -> None:
+    """SIGKILL ``pid`` only if it is still a live child of this very process."""
+    fields = proc_stat(pid)
+    if fields is not None and fields[0] != "Z" and int(fields[1]) == os.getpid():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.asynccontextmanager
@@ -193,9 +206,8 @@ async def run(guarded: bool) -> Result:
                 gone_at = time.monotonic()
                 break
             await asyncio.sleep(0.01)
-        if state != "gone":  # a leaked child: report it, then do not leave it behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(trace.pid, 9)
+        if state == "running":  # a leaked child: report it, then do not leave it behind
+            kill_leftover(trace.pid)
         after_detection = None
         if trace.state is not None and trace.state.detected_at is not None:
             detected_at = trace.state.detected_at
