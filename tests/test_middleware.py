@@ -649,3 +649,17 @@ async def test_a_failing_hook_is_logged_not_raised() -> None:
     assert [e["event"] for e in logs] == ["client disconnected", "on_disconnect hook failed"]
     assert logs[1]["log_level"] == "error"
     assert logs[1]["exc_info"] is True
+
+
+async def test_state_reads_well_and_wait_returns_at_once_after_the_disconnect() -> None:
+    """A state made by hand (for a user's own tests) waits, wakes, and says what happened."""
+    state = DisconnectState(started_at=0.0, cancel=True)
+    assert state.cancel is True and repr(state) == "<DisconnectState connected bytes_sent=0>"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(state.wait)
+        await anyio.lowlevel.checkpoint()
+        state._mark("mid_body", 1.0)
+    with anyio.fail_after(1):
+        await state.wait()  # already disconnected: returns at once
+    state.cancelled = True
+    assert repr(state) == "<DisconnectState disconnected phase=mid_body bytes_sent=0 cancelled>"
