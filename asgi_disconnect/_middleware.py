@@ -36,7 +36,6 @@ else:  # pragma: no cover - 3.10 and 3.11: the same lookup without a Python-leve
     _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
-_WATCH_DELAY = 0.001  # seconds a request runs before a watcher starts for it
 _INSTALL_HINT = (
     "install DisconnectMiddleware in front of your app: `app = DisconnectMiddleware(app)`, "
     "`app.add_middleware(DisconnectMiddleware)` (Starlette, FastAPI) or "
@@ -135,6 +134,7 @@ class _Cycle(DisconnectState):
     _canceller: NativeCanceller | None = None  # asyncio: delivers the cancellation
     _streams: list[_GuardedStream[Any]] | None = None  # guard_stream bodies, closed if abandoned
     _read_ahead_ok: bool | None = None  # from the request headers, on a watcher's first need
+    _slow = False
     # Set only where they are used: _warn_handle (when a cancellation begins), _tg and
     # _app_scope (trio).
     _warn_handle: asyncio.TimerHandle
@@ -149,9 +149,7 @@ class _Cycle(DisconnectState):
         self.disconnected = False
         self.bytes_sent = 0
         self._trailers = False
-        self._watcher = None
-        self._cancel_handle = None
-        self._canceller = None
+        self._slow = False  # anything beyond the plain request: a watcher, an abort, a stream
         if mw.cancel:
             self.cancel = not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
         self._mw = mw
@@ -252,11 +250,13 @@ class _Cycle(DisconnectState):
                 self._buffered += len(message.get("body", b""))
 
     async def _watch_in_scope(self) -> None:
+        self._slow = True
         with anyio.CancelScope() as scope:
             self._watcher = scope
             await self._watch()
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._slow = True
         self._watcher = loop.create_task(self._watch())
 
     # -- send side ---------------------------------------------------------------
@@ -275,7 +275,7 @@ class _Cycle(DisconnectState):
             if not message.get("more_body", False) and not self._trailers:
                 # _end_response(), inlined for the message every response ends with.
                 self._complete = self._stopped = True
-                if self._watcher is not None:
+                if self._slow and self._watcher is not None:
                     self._watcher.cancel()
         elif kind == "http.response.start":
             self._started = message
@@ -303,6 +303,7 @@ class _Cycle(DisconnectState):
             raise ClientDisconnected(f"client stalled: one send blocked more than {self._mw.send_timeout} s")
 
     def _register_stream(self, stream: _GuardedStream[Any]) -> None:
+        self._slow = True
         if self._streams is None:
             self._streams = []
         self._streams.append(stream)
@@ -344,6 +345,7 @@ class _Cycle(DisconnectState):
             return  # after the whole response: a normal close, not an abort
         if phase is None:
             phase = "mid_body" if self._started else "before_response"
+        self._slow = True
         self._mark(phase, time.monotonic())
         if self.cancel:  # the policy as it stands at the moment of the disconnect
             if self._task is not None:
@@ -471,11 +473,11 @@ class DisconnectMiddleware:
             await self._call_in_task_group(cycle, {**scope, SCOPE_KEY: cycle})
         else:
             cycle = _Cycle(self, scope, receive, send, task)
-            # A task per request costs more than this middleware's whole budget, so a
-            # timer per loop, ticking every millisecond while requests come in, starts
-            # watchers for the requests still running by then: an app that answers
-            # without suspending never needs one, and one that waits on anything gets
-            # it within a millisecond.
+            # A task per request costs more than this middleware's whole budget, so
+            # watchers start from one callback per loop iteration, for the requests
+            # still running by then: an app that answers without suspending never
+            # needs one, and one that suspends gets it within one loop iteration. (A
+            # periodic timer instead costs more: it wakes a busy server 1000 times/s.)
             batch = self._batches.get(loop)
             if batch is None:
                 batch = self._new_batch(loop)
@@ -488,14 +490,15 @@ class DisconnectMiddleware:
                     raise
             finally:
                 cycle._stopped = True
-                if cycle._watcher is not None or cycle._cancel_handle is not None or cycle._canceller is not None:
+                if cycle._slow:
                     cycle._finish()
                     if cycle._canceller is not None:
                         cycle._canceller.uncancel()
-        if cycle._streams:
-            await cycle._close_streams()
-        if cycle.disconnected:
-            await self._report(scope, cycle)
+        if cycle._slow:
+            if cycle._streams:
+                await cycle._close_streams()
+            if cycle.disconnected:
+                await self._report(scope, cycle)
 
     @staticmethod
     def _absorbs(cycle: _Cycle, exc: BaseException) -> bool:
@@ -516,17 +519,11 @@ class DisconnectMiddleware:
             del self._batches[stale]  # its loop closed while its timer was pending
         batch: list[_Cycle] = []
         self._batches[loop] = batch
-        loop.call_later(_WATCH_DELAY, self._start_watchers, loop)
+        loop.call_soon(self._start_watchers, loop)
         return batch
 
     def _start_watchers(self, loop: asyncio.AbstractEventLoop) -> None:
-        batch = self._batches[loop]
-        if not batch:
-            del self._batches[loop]  # no traffic for a tick: stop until the next request
-            return
-        self._batches[loop] = []
-        loop.call_later(_WATCH_DELAY, self._start_watchers, loop)
-        for cycle in batch:
+        for cycle in self._batches.pop(loop):
             if not cycle._stopped:
                 cycle._start_watcher(loop)
 
