@@ -27,9 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import sqlite3
-import struct
 import sys
 import tempfile
 import threading
@@ -39,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
-import uvicorn
+from _support import read_then_abort, serve
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -131,45 +129,6 @@ def database_is_free(path: Path) -> bool:
 
 def worker_threads() -> set[threading.Thread]:
     return {thread for thread in threading.enumerate() if WORKER in thread.name}
-
-
-@contextlib.asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[int]:
-    """Serve ``app`` with uvicorn on a free port of 127.0.0.1; yield the port."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):  # at most 5 s to start
-            if server.started or serving.done():
-                break
-            await asyncio.sleep(0.01)
-        if not server.started:
-            raise RuntimeError("the server did not start")
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
-        sock.close()
-
-
-def read_then_abort(port: int, path: str, marker: bytes) -> float:
-    """Request ``path``, read until ``marker``, then leave with a TCP RST; return when."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        data = b""
-        deadline = time.monotonic() + 5
-        while marker not in data:
-            if time.monotonic() > deadline or len(data) > 1 << 24:
-                raise RuntimeError(f"{marker!r} not received: {data[:200]!r}")
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise RuntimeError(f"connection closed before {marker!r}")
-            data += chunk
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        left_at = time.monotonic()
-    return left_at  # the with block closed the socket: an abortive close (RST)
 
 
 @dataclass
