@@ -8,6 +8,17 @@ from typing import Any
 
 import anyio
 
+if sys.version_info >= (3, 12):
+    current_task = asyncio.current_task
+else:  # pragma: no cover - 3.10 and 3.11: the same lookup without a Python-level call
+    current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
+
+
+def asyncio_task() -> asyncio.Task[Any] | None:
+    """The current asyncio task, or None under another event loop (trio)."""
+    loop = asyncio._get_running_loop()
+    return None if loop is None else current_task(loop)
+
 
 def shield() -> anyio.CancelScope:
     """A critical section the middleware's cancellation never interrupts.

@@ -12,7 +12,7 @@ import anyio
 import anyio.abc
 import structlog
 
-from ._cancel import NativeCanceller
+from ._cancel import NativeCanceller, current_task
 from ._exceptions import ClientDisconnected
 from ._state import DisconnectState, Phase
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -29,11 +29,6 @@ SCOPE_KEY = "asgi_disconnect"
 DisconnectHook = Callable[[Scope, DisconnectState], "Awaitable[None] | None"]
 
 logger = structlog.get_logger("asgi_disconnect")
-
-if sys.version_info >= (3, 12):
-    _current_task = asyncio.current_task
-else:  # pragma: no cover - 3.10 and 3.11: the same lookup without a Python-level call
-    _current_task = asyncio.tasks._current_tasks.get  # type: ignore[attr-defined]
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
 _INSTALL_HINT = (
@@ -60,8 +55,6 @@ def disconnect_state(scope: Mapping[str, Any]) -> DisconnectState:
 
 def _is_disconnect_error(exc: BaseException, cancelled_ok: bool = False) -> bool:
     """True for the errors a client that left produces, however a framework wraps them."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_is_disconnect_error(e, cancelled_ok) for e in exc.exceptions)
     if cancelled_ok and isinstance(exc, asyncio.CancelledError):
         return True
     seen = 0
@@ -268,25 +261,29 @@ class _Cycle(DisconnectState):
         if self.disconnected:
             if self._streams:
                 return self._close_streams(raise_after=True)
-            raise ClientDisconnected(f"client disconnected ({self.phase}); the response was not delivered")
+            raise self._gone()
         kind = message["type"]
         if kind == "http.response.body":
             self.bytes_sent += len(message.get("body", b""))
-            if not message.get("more_body", False) and not self._trailers:
-                # _end_response(), inlined for the message every response ends with.
-                self._complete = self._stopped = True
-                if self._slow and self._watcher is not None:
-                    self._watcher.cancel()
+            ends = not message.get("more_body", False) and not self._trailers
         elif kind == "http.response.start":
             self._started = message
             if message.get("trailers", False):
                 self._trailers = True
-        elif (
-            kind == "http.response.pathsend"
-            or (kind == "http.response.trailers" and not message.get("more_trailers", False))
-            or (kind == "http.response.zerocopysend" and not message.get("more_body", False))
-        ):
-            self._end_response()
+            ends = False
+        else:
+            ends = (
+                kind == "http.response.pathsend"
+                or (kind == "http.response.trailers" and not message.get("more_trailers", False))
+                or (kind == "http.response.zerocopysend" and not message.get("more_body", False))
+            )
+        if ends:
+            # Complete before the server's send returns: a server that sees the client
+            # close while flushing the last bytes must not turn it into an abort. And
+            # nothing is watched after this: background tasks must never be disturbed.
+            self._complete = self._stopped = True
+            if self._slow and self._watcher is not None:
+                self._watcher.cancel()
         return self._send(message)
 
     def _app_send_timed(self, message: Message) -> Awaitable[None]:
@@ -315,7 +312,10 @@ class _Cycle(DisconnectState):
         for stream in streams:
             await stream.aclose()
         if raise_after:
-            raise ClientDisconnected(f"client disconnected ({self.phase}); the response was not delivered")
+            raise self._gone()
+
+    def _gone(self) -> ClientDisconnected:
+        return ClientDisconnected(f"client disconnected ({self.phase}); the response was not delivered")
 
     async def _send_heartbeat(self, frame: bytes) -> None:
         """Send a heartbeat frame for guard_stream, if the response is an open stream."""
@@ -330,15 +330,6 @@ class _Cycle(DisconnectState):
             self._disconnected()
             return
         self.bytes_sent += len(frame)
-
-    def _end_response(self) -> None:
-        # Complete before the server's send returns: a server that sees the client
-        # close while flushing the last bytes must not turn it into an abort. And
-        # nothing is watched after this: background tasks must never be disturbed.
-        self._complete = True
-        self._stopped = True
-        if self._watcher is not None:
-            self._watcher.cancel()
 
     def _disconnected(self, phase: Phase | None = None) -> None:
         if self._complete or self.disconnected:
@@ -466,13 +457,14 @@ class DisconnectMiddleware:
             return
 
         loop = asyncio._get_running_loop()  # None, not an exception, under trio: cheaper
-        task = None if loop is None else _current_task(loop)
+        task = None if loop is None else current_task(loop)
+        cycle = _Cycle(self, scope, receive, send, task)
+        app_scope = {**scope, SCOPE_KEY: cycle}
+        send_wrapper = cycle._app_send if self.send_timeout is None else cycle._app_send_timed
         if loop is None or task is None:
             # trio, or a coroutine driven by hand outside any asyncio task
-            cycle = _Cycle(self, scope, receive, send, None)
-            await self._call_in_task_group(cycle, {**scope, SCOPE_KEY: cycle})
+            await self._call_in_task_group(cycle, app_scope, send_wrapper)
         else:
-            cycle = _Cycle(self, scope, receive, send, task)
             # A task per request costs more than this middleware's whole budget, so
             # watchers start from one callback per loop iteration, for the requests
             # still running by then: an app that answers without suspending never
@@ -482,9 +474,8 @@ class DisconnectMiddleware:
             if batch is None:
                 batch = self._new_batch(loop)
             batch.append(cycle)
-            send_wrapper = cycle._app_send if self.send_timeout is None else cycle._app_send_timed
             try:
-                await self.app({**scope, SCOPE_KEY: cycle}, cycle._app_receive, send_wrapper)
+                await self.app(app_scope, cycle._app_receive, send_wrapper)
             except BaseException as exc:
                 if not self._absorbs(cycle, exc):
                     raise
@@ -516,7 +507,7 @@ class DisconnectMiddleware:
 
     def _new_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Cycle]:
         for stale in [other for other in self._batches if other.is_closed()]:
-            del self._batches[stale]  # its loop closed while its timer was pending
+            del self._batches[stale]  # its loop closed before its callback ran
         batch: list[_Cycle] = []
         self._batches[loop] = batch
         loop.call_soon(self._start_watchers, loop)
@@ -527,7 +518,7 @@ class DisconnectMiddleware:
             if not cycle._stopped:
                 cycle._start_watcher(loop)
 
-    async def _call_in_task_group(self, cycle: _Cycle, app_scope: Scope) -> None:
+    async def _call_in_task_group(self, cycle: _Cycle, app_scope: Scope, send: Send) -> None:
         # Other event loops (trio): structured concurrency the plain way, with the app
         # in a cancel scope of its own.
         error: Exception | None = None
@@ -535,9 +526,8 @@ class DisconnectMiddleware:
             cycle._tg = tg
             tg.start_soon(cycle._watch_in_scope)
             try:
-                send_wrapper = cycle._app_send if self.send_timeout is None else cycle._app_send_timed
                 with anyio.CancelScope() as cycle._app_scope:
-                    await self.app(app_scope, cycle._app_receive, send_wrapper)
+                    await self.app(app_scope, cycle._app_receive, send)
             except Exception as exc:
                 # Raised outside the task group, so it is not wrapped in an ExceptionGroup.
                 error = exc

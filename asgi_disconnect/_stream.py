@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 
-from ._cancel import NativeCanceller, shield
+from ._cancel import NativeCanceller, asyncio_task, shield
 
 if TYPE_CHECKING:
     from ._state import DisconnectState
@@ -115,7 +115,7 @@ class _GuardedStream(Generic[T]):
         return chunk
 
     async def _next(self, iterator: AsyncIterator[T]) -> T:
-        task = _asyncio_task()
+        task = asyncio_task()
         self._waiting = True
         try:
             if task is not None:
@@ -166,7 +166,7 @@ class _GuardedStream(Generic[T]):
     # -- heartbeats ----------------------------------------------------------------
 
     def _start_heartbeats(self) -> None:
-        task = _asyncio_task()
+        task = asyncio_task()
         if task is not None:
             self._beats = task.get_loop().create_task(self._heartbeats())
             return
@@ -200,8 +200,3 @@ class _GuardedStream(Generic[T]):
                     self._sending_beat.set()
                     self._sending_beat = None
             self._last = time.monotonic()
-
-
-def _asyncio_task() -> asyncio.Task[Any] | None:
-    loop = asyncio._get_running_loop()
-    return None if loop is None else asyncio.current_task(loop)
