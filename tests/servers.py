@@ -134,6 +134,23 @@ def read_until(sock: socket.socket, marker: bytes, limit: int = 1 << 22, timeout
     return data
 
 
+def read_then_leave(port: int, path: str, marker: bytes, how: Literal["fin", "rst"] = "rst") -> float:
+    """Request ``path``, read until ``marker``, leave; return ``time.monotonic()`` as it closes."""
+    with raw_connection(port) as sock:
+        sock.sendall(request_bytes(path=path))
+        read_until(sock, marker, limit=1 << 24)
+        left_at = time.monotonic()
+        close(sock, how)
+    return left_at
+
+
+async def wait_for(event: anyio.Event, what: str, within: float = 5.0) -> None:
+    """Wait for ``event`` at most ``within`` seconds; fail saying ``what`` did not happen."""
+    with anyio.move_on_after(within) as timeout:
+        await event.wait()
+    assert not timeout.cancel_called, f"{what}: not within {within} s"
+
+
 def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
     """Read one HTTP/1.1 response (Content-Length or chunked); return status, headers, body."""
     deadline = time.monotonic() + timeout

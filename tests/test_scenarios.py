@@ -49,7 +49,12 @@ from starlette.routing import Route
 
 from asgi_disconnect import DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream, shield
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
-from tests.servers import SERVERS, ServerKind, close, raw_connection, read_until, request_bytes, run_server
+from tests.servers import (
+    SERVERS,
+    ServerKind,
+    read_then_leave,
+    run_server,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -67,16 +72,6 @@ BATCH = 1000
 def anyio_backend() -> str:
     """Real servers run on asyncio only."""
     return "asyncio"
-
-
-def read_then_abort(port: int, path: str, marker: bytes) -> float:
-    """Request ``path``, read until ``marker``, leave with an RST; return ``time.monotonic()`` then."""
-    with raw_connection(port) as sock:
-        sock.sendall(request_bytes(path=path))
-        read_until(sock, marker, limit=1 << 24)
-        left_at = time.monotonic()
-        close(sock, "rst")
-    return left_at
 
 
 async def wait_until(done: Callable[[], bool], within: float) -> float | None:
@@ -186,7 +181,7 @@ async def run_proxy(upstream: str, kind: ServerKind, guarded: bool) -> ProxyRun:
 
     async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
         async with run_server(proxy_app(client, upstream, trace, guarded), kind) as port:
-            left_at = await anyio.to_thread.run_sync(read_then_abort, port, f"/chat?id={stream_id}", b"tok2\n")
+            left_at = await anyio.to_thread.run_sync(read_then_leave, port, f"/chat?id={stream_id}", b"tok2\n")
             await wait_until(lambda: trace.finally_at is not None, FINALLY_WITHIN)
             deadline = left_at + GONE_WITHIN
             final = await stats(left_at)
@@ -326,7 +321,7 @@ async def test_child_process_is_terminated_and_reaped_when_the_client_aborts(kin
 
     app = DisconnectMiddleware(Starlette(routes=[Route("/tail", tail)]))
     async with run_server(app, kind) as port:
-        left_at = await anyio.to_thread.run_sync(read_then_abort, port, "/tail", b"line 4\n")
+        left_at = await anyio.to_thread.run_sync(read_then_leave, port, "/tail", b"line 4\n")
         state = await wait_child_gone(trace)
         await wait_until(lambda: trace.returncode is not None, FINALLY_WITHIN)
     assert trace.state is not None and trace.state.detected_at is not None
@@ -350,7 +345,7 @@ async def test_guarded_body_cleanup_awaits_complete_without_shield() -> None:
         await send({"type": "http.response.body", "body": b""})
 
     async with run_server(DisconnectMiddleware(raw), "uvicorn-h11") as port:
-        await anyio.to_thread.run_sync(read_then_abort, port, "/", b"line 4\n")
+        await anyio.to_thread.run_sync(read_then_leave, port, "/", b"line 4\n")
         state = await wait_child_gone(trace)
         await wait_until(lambda: trace.returncode is not None, FINALLY_WITHIN)
     assert state == "gone"
@@ -444,7 +439,7 @@ async def test_ndjson_rows_close_cursor_and_connection_when_the_client_aborts(ki
     app = DisconnectMiddleware(Starlette(routes=[Route("/rows", rows)]))
     try:
         async with run_server(app, kind) as port:
-            left_at = await anyio.to_thread.run_sync(read_then_abort, port, "/rows", b'{"id": 2500,')
+            left_at = await anyio.to_thread.run_sync(read_then_leave, port, "/rows", b'{"id": 2500,')
             await wait_until(lambda: trace.connection_closed_at is not None, FINALLY_WITHIN)
             free = await wait_until(lambda: database_is_free(rows_db), GONE_WITHIN)
             ended = await wait_until(lambda: not aiosqlite_threads() - threads_before, GONE_WITHIN)

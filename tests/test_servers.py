@@ -33,7 +33,18 @@ from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, Disconnect
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
 
 from . import apps
-from .servers import SERVERS, ServerKind, close, raw_connection, read_response, read_until, request_bytes, run_server
+from .servers import (
+    SERVERS,
+    ServerKind,
+    close,
+    raw_connection,
+    read_response,
+    read_then_leave,
+    read_until,
+    request_bytes,
+    run_server,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -46,12 +57,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def anyio_backend() -> str:
     """Real servers run on asyncio only."""
     return "asyncio"
-
-
-async def wait_for(event: anyio.Event, what: str, within: float = 5.0) -> None:
-    with anyio.move_on_after(within) as scope:
-        await event.wait()
-    assert not scope.cancel_called, f"{what}: not within {within} s"
 
 
 class Served:
@@ -160,18 +165,8 @@ async def test_streaming_handler_send_raises_mid_body(kind: ServerKind, how: Clo
             raise
 
     served = Served(handler)
-    closed_at = 0.0
     async with run_server(served, kind) as port:
-
-        def client() -> None:
-            nonlocal closed_at
-            with raw_connection(port) as sock:
-                sock.sendall(request_bytes("GET", "/stream"))
-                read_until(sock, b"chunk 0000\n")
-                close(sock, how)
-                closed_at = time.monotonic()
-
-        await anyio.to_thread.run_sync(client)
+        closed_at = await anyio.to_thread.run_sync(read_then_leave, port, "/stream", b"chunk 0000\n", how)
         await wait_for(served.returned, "the stream ended")
 
     [state] = states
@@ -367,18 +362,8 @@ async def test_starlette_streaming_generator_closed_promptly(kind: ServerKind, h
         return StreamingResponse(tokens(), media_type="text/plain")
 
     served = Served(Starlette(routes=[Route("/tokens", endpoint)]))
-    closed_at = 0.0
     async with run_server(served, kind) as port:
-
-        def client() -> None:
-            nonlocal closed_at
-            with raw_connection(port) as sock:
-                sock.sendall(request_bytes("GET", "/tokens"))
-                read_until(sock, b"first token\n")
-                close(sock, how)
-                closed_at = time.monotonic()
-
-        await anyio.to_thread.run_sync(client)
+        closed_at = await anyio.to_thread.run_sync(read_then_leave, port, "/tokens", b"first token\n", how)
         await wait_for(served.returned, "the response ended")
 
     assert finally_ran_at, "the generator's finally should have run"

@@ -41,9 +41,10 @@ from tests.servers import (
     close,
     raw_connection,
     read_response,
-    read_until,
+    read_then_leave,
     request_bytes,
     run_server,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
@@ -185,22 +186,6 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
     return Probe(cast(ASGIApp, litestar_app))
 
 
-def read_then_leave(port: int, how: Close, marker: bytes) -> float:
-    """Request /stream, read until ``marker``, leave; return when the client began to close."""
-    with raw_connection(port) as sock:
-        sock.sendall(request_bytes(path="/stream"))
-        read_until(sock, marker)
-        left_at = time.monotonic()
-        close(sock, how)
-        return left_at
-
-
-async def wait_for(event: anyio.Event, what: str, within: float) -> None:
-    with anyio.move_on_after(within) as timeout:
-        await event.wait()
-    assert not timeout.cancel_called, f"{what}: not within {within} s"
-
-
 # -- the source stops, in its own task, before the response ends ------------------------------
 
 Variant = Literal["producing", "stalled-upstream"]
@@ -229,7 +214,7 @@ async def test_aborted_stream_closes_its_source_in_the_iterating_task(
     source = Source(framed=framework not in SELF_FRAMING, stall_after=STALL_AFTER if variant != "producing" else None)
     probe = build_app(framework, source)
     async with run_server(probe, kind) as port:
-        left_at = await anyio.to_thread.run_sync(read_then_leave, port, how, b"token 2")
+        left_at = await anyio.to_thread.run_sync(read_then_leave, port, "/stream", b"token 2", how)
         await wait_for(source.closed, "the source's finally ran", WITHIN)
         await wait_for(probe.returned, "the response returned", WITHIN)
 
@@ -255,7 +240,7 @@ async def test_aborted_stream_is_a_quiet_close_for_the_server(framework: Framewo
     probe = build_app(framework, source)
     with structlog.testing.capture_logs() as logs:
         async with run_server(probe, "uvicorn-httptools") as port:
-            await anyio.to_thread.run_sync(read_then_leave, port, "rst", b"token 2")
+            await anyio.to_thread.run_sync(read_then_leave, port, "/stream", b"token 2")
             await wait_for(probe.returned, "the response returned", WITHIN)
 
     assert probe.escaped == []
