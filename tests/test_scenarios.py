@@ -23,9 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import select
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -42,10 +40,14 @@ import anyio
 import anyio.to_thread
 import httpx
 import pytest
+
+# The helpers the runnable examples use to check their own outcome, shared rather than copied.
+from ndjson_rows import database_is_free
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
+from subprocess_stream import kill_leftover, pid_state, stop_child
 
 from asgi_disconnect import DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream, shield
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
@@ -240,18 +242,6 @@ class ChildTrace:
     state: DisconnectState | None = None
 
 
-async def stop_child(proc: asyncio.subprocess.Process) -> int:
-    """SIGTERM, a bounded wait, SIGKILL if need be, a bounded wait; return the reaped exit code."""
-    for signal_it in (proc.terminate, proc.kill):
-        if proc.returncode is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            signal_it()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(proc.communicate(), 2)  # drain stdout to its end, and reap
-    return await asyncio.wait_for(proc.wait(), 2)
-
-
 async def child_output(trace: ChildTrace, shielded: bool = True) -> AsyncIterator[bytes]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-u", "-c", CHILD, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
@@ -269,34 +259,6 @@ async def child_output(trace: ChildTrace, shielded: bool = True) -> AsyncIterato
         trace.finally_at = time.monotonic()
         with shield() if shielded else contextlib.nullcontext():
             trace.returncode = await stop_child(proc)
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...), if any."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
-
-
-def pid_state(pid: int) -> str:
-    """``"gone"``, ``"zombie"`` (exited, not reaped) or ``"running"``."""
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the PID exists
-    except ProcessLookupError:
-        return "gone"
-    except PermissionError:
-        return "running"  # not ours any more: the PID was reused
-    fields = proc_stat(pid)
-    return "zombie" if fields is not None and fields[0] == "Z" else "running"
-
-
-def kill_leftover(pid: int) -> None:
-    """SIGKILL ``pid`` only if it is still a live child of this very process."""
-    fields = proc_stat(pid)
-    if fields is not None and fields[0] != "Z" and int(fields[1]) == os.getpid():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 async def wait_child_gone(trace: ChildTrace) -> str:
@@ -398,17 +360,6 @@ async def ndjson_rows(path: Path, trace: RowsTrace) -> AsyncIterator[bytes]:
         with shield():
             await db.close()
         trace.connection_closed_at = time.monotonic()
-
-
-def database_is_free(path: Path) -> bool:
-    """True if a second connection takes an EXCLUSIVE lock at once (a cursor mid-read holds SHARED)."""
-    with contextlib.closing(sqlite3.connect(path, timeout=0, isolation_level=None)) as db:
-        try:
-            db.execute("BEGIN EXCLUSIVE")
-        except sqlite3.OperationalError:
-            return False
-        db.execute("ROLLBACK")
-        return True
 
 
 def aiosqlite_threads() -> set[threading.Thread]:
