@@ -8,6 +8,10 @@ from typing import Any
 
 import anyio
 
+# Imported here, not at the first cancel: anyio loads its asyncio backend lazily, and
+# that first import (about 20 ms) would otherwise delay the first cancelled request.
+from anyio._backends._asyncio import _task_states
+
 if sys.version_info >= (3, 12):
     current_task = asyncio.current_task
 else:  # pragma: no cover - 3.10 and 3.11: the same lookup without a Python-level call
@@ -46,8 +50,6 @@ def anyio_shielded(task: asyncio.Task[Any]) -> bool:
     thread pool calls, httpcore's connection cleanup), as anyio's own would. It reads
     anyio's per-task scope stack; tests/test_cancel.py fails if anyio changes it.
     """
-    from anyio._backends._asyncio import _task_states
-
     state = _task_states.get(task)
     scope = state.cancel_scope if state is not None else None
     while scope is not None:

@@ -1,0 +1,5 @@
+"""``python -m asgi_disconnect``: the same command line as ``asgi-disconnect``."""
+
+from asgi_disconnect._cli import main
+
+raise SystemExit(main())
