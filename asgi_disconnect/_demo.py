@@ -141,33 +141,40 @@ def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
 
     async def order(request: Request) -> Response:
         # One order in one transaction, a row at a time with slow work in between
-        # (pricing, stock checks). With the package it checks the flag between rows,
-        # and its COMMIT and ROLLBACK are shielded from cancel mode.
+        # (pricing, stock checks). The driver is sync, so every statement runs in a
+        # worker thread, as sync drivers are used from async code. With the package the
+        # handler checks the flag between rows, and its COMMIT and ROLLBACK are shielded:
+        # a cancellation that cut one off would leave the statement running in its
+        # thread while the handler moved on.
         trace = rec.trace
         state = _state(request.scope)
-        db = sqlite3.connect(db_path, isolation_level=None)
+        db = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+
+        async def sql(statement: str, *args: object) -> None:
+            await asyncio.to_thread(db.execute, statement, args)
+
         try:
-            db.execute("BEGIN IMMEDIATE")
+            await sql("BEGIN IMMEDIATE")
             rec.open_transactions += 1
             try:
                 for n in range(timing.rows):
                     await asyncio.sleep(timing.row_every)
                     if state is not None and state.disconnected:
                         break  # nobody will see the confirmation: do not place the order
-                    db.execute("INSERT INTO order_rows (line) VALUES (?)", (n,))
+                    await sql("INSERT INTO order_rows (line) VALUES (?)", n)
                     trace.work.append(time.monotonic())
                 else:
                     with shield():
-                        db.execute("COMMIT")
+                        await sql("COMMIT")
                         trace.committed = True
                     return PlainTextResponse("order placed")
                 with shield():
-                    db.execute("ROLLBACK")
+                    await sql("ROLLBACK")
                     trace.committed = False
                 return PlainTextResponse("order dropped", status_code=499)
             except BaseException:
                 with shield():
-                    db.execute("ROLLBACK")
+                    await sql("ROLLBACK")
                     trace.committed = False
                 raise
             finally:
