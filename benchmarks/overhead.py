@@ -1,14 +1,22 @@
-"""Per-request overhead of ``DisconnectMiddleware`` on a Starlette hello world.
+"""Per-request overhead of ``DisconnectMiddleware`` and its peers on a Starlette hello world.
 
-Run from the repository root::
+Run from the repository root (``scripts/bench`` runs it with every other benchmark, in a
+Python 3.12+ venv where the peers install)::
 
-    .venv/bin/python benchmarks/overhead.py            # full run, about 2.5 minutes
-    .venv/bin/python benchmarks/overhead.py --quick    # smoke run, about 20 seconds
+    .venv/bin/python benchmarks/overhead.py            # full run, about 4 minutes
+    .venv/bin/python benchmarks/overhead.py --quick    # smoke run, about 40 seconds
 
 Other options: ``--no-inprocess``, ``--no-server``, ``--server-method``, ``--python-loadgen``
 (skip ``wrk``), ``--no-pin``, round counts and durations; see ``--help``. Results go to stdout
 and to ``benchmarks/results/overhead.{json,md}``. The script reports against the budgets
 of ``DESIGN.md`` but never fails on them: it exits 0 whenever the measurement ran.
+
+Variants (``benchmarks/apps.py``): ``bare`` (``Starlette(routes=[Route("/", hello)])``),
+``observe`` (``DisconnectMiddleware(app)``), ``cancel`` (``DisconnectMiddleware(app,
+cancel=True)``), ``basehttp`` (a no-op ``BaseHTTPMiddleware``, for scale) and the peers
+``fastapi-disconnect`` (``CancelOnDisconnectMiddleware``) and ``aiofence`` (its
+``DisconnectMiddleware``), each added with ``app.add_middleware`` as its README says. The
+peers need Python 3.12+: on an older interpreter their rows say so and the rest runs.
 
 Method
 ------
@@ -19,10 +27,7 @@ rotates from round to round), and each variant is compared with the bare app *of
 same round*. The reported ratio is the median of those per-round ratios, which cancels
 slow drifts (another tenant, CPU frequency) and ignores the rounds a burst hit.
 
-A. In process, no server. Each variant (``bare``: ``Starlette(routes=[Route("/",
-   hello)])``; ``observe``: ``DisconnectMiddleware(app)``; ``cancel``:
-   ``DisconnectMiddleware(app, cancel=True)``; ``basehttp``: a no-op
-   ``BaseHTTPMiddleware``, for scale) is awaited directly in one asyncio loop with a
+A. In process, no server. Each variant is awaited directly in one asyncio loop with a
    fresh copy of a fixed uvicorn-like HTTP scope, a receive that returns the request
    once and then blocks forever, and a no-op send. A round is ``--requests`` requests
    back to back per variant, timed with ``perf_counter_ns`` after a ``gc.collect()``;
@@ -41,8 +46,8 @@ A. In process, no server. Each variant (``bare``: ``Starlette(routes=[Route("/",
    in the code path that the noise hides; it weighs every call alike).
 
 B. Real server. One ``uvicorn`` subprocess per variant (``--http httptools
-   --no-access-log --workers 1 --lifespan off``, apps from ``benchmarks/apps.py``), all
-   on 127.0.0.1, started once up front and killed by PID at the end. With two or more
+   --no-access-log --workers 1 --lifespan off``, ``--factory apps:from_env``), all on
+   127.0.0.1, started once up front and killed by PID at the end. With two or more
    CPUs the servers share one CPU and the load generator gets another (``--no-pin``
    turns this off). The load generator is ``wrk`` (one thread, ``--connections``
    keep-alive connections per server) or, when ``wrk`` is not on PATH, a pure-Python
@@ -75,31 +80,32 @@ import asyncio
 import contextlib
 import cProfile
 import gc
-import json
-import os
-import platform
 import pstats
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
-if str(BENCH_DIR) not in sys.path:
-    sys.path.insert(0, str(BENCH_DIR))
-
-import apps  # noqa: E402  (needs BENCH_DIR on sys.path when not run as a script)
+import apps
+from common import (
+    Series,
+    command_line,
+    cpu_delta,
+    environment,
+    environment_line,
+    pinned,
+    ratio_cell,
+    rotated,
+    servers,
+    skipped_rows,
+    table,
+    write_results,
+)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -110,9 +116,8 @@ INPROCESS_BUDGET = 1.25  # at most 1.25x the bare app per request
 SERVER_BUDGET_LOSS = 0.05  # at most 5% fewer requests/s than the bare app
 # "bare2" is a second, identical bare app: an A/A control whose ratio to bare shows how
 # much of a difference the noise alone produces in this run.
-INPROCESS_VARIANTS = ("bare", "bare2", "observe", "cancel", "basehttp")
-SERVER_VARIANTS = ("bare", "bare2", "observe", "cancel")
-APP_NAMES = {"bare2": "bare"}  # variant -> name in benchmarks/apps.py
+VARIANTS = ("bare", "bare2", "observe", "cancel", "basehttp", "fastapi-disconnect", "aiofence")
+VARIANT_OF = {"bare2": "bare"}  # name -> variant in benchmarks/apps.py
 SERVER_METHODS = {
     "concurrent": "B1. Concurrent: every server loaded at once, sharing one CPU (noise hits all variants alike)",
     "alternate": "B2. Alternating: one server loaded at a time, variants in rotated order each round",
@@ -134,50 +139,6 @@ SCOPE: dict[str, Any] = {
     "query_string": b"",
 }
 REQUEST_MESSAGE: dict[str, Any] = {"type": "http.request", "body": b"", "more_body": False}
-
-
-# -- statistics ----------------------------------------------------------------------
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated quantile (0 <= q <= 1) of a non-empty sequence."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
-@dataclass
-class Series:
-    """One variant's per-round measurements and its per-round ratios to bare."""
-
-    values: list[float] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
-    deltas: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, float]:
-        out = {
-            "median": statistics.median(self.values),
-            "min": min(self.values),
-            "max": max(self.values),
-            "p25": quantile(self.values, 0.25),
-            "p75": quantile(self.values, 0.75),
-        }
-        if self.ratios:
-            out |= {
-                "ratio_median": statistics.median(self.ratios),
-                "ratio_p25": quantile(self.ratios, 0.25),
-                "ratio_p75": quantile(self.ratios, 0.75),
-            }
-        if self.deltas:
-            out["delta_median"] = statistics.median(self.deltas)
-        return out
-
-
-def rotated(items: Sequence[str], offset: int) -> list[str]:
-    k = offset % len(items)
-    return [*items[k:], *items[:k]]
 
 
 # -- A. in process -------------------------------------------------------------------
@@ -250,16 +211,16 @@ async def count_calls(app: App, requests: int, never: asyncio.Event, yield_each:
 
 
 async def run_inprocess_async(
-    rounds: int, warmup: int, requests: int, yield_each: bool
+    names: Sequence[str], rounds: int, warmup: int, requests: int, yield_each: bool
 ) -> tuple[dict[str, Series], dict[str, float]]:
     never = asyncio.Event()
-    variants: dict[str, App] = {name: apps.FACTORIES[APP_NAMES.get(name, name)]() for name in INPROCESS_VARIANTS}
+    variants: dict[str, App] = {name: apps.make(VARIANT_OF.get(name, name)) for name in names}
     for name, app in variants.items():
         await check_app(name, app, never)
     series = {name: Series() for name in variants}
     for index in range(warmup + rounds):
         times: dict[str, float] = {}
-        for name in rotated(INPROCESS_VARIANTS, index):
+        for name in rotated(names, index):
             gc.collect()
             await asyncio.sleep(0)  # deferred callbacks of the previous variant run here, untimed
             times[name] = await time_round(variants[name], requests, never, yield_each)
@@ -283,131 +244,15 @@ async def run_inprocess_async(
 
 
 def run_inprocess(
-    rounds: int, warmup: int, requests: int, yield_each: bool
+    names: Sequence[str], rounds: int, warmup: int, requests: int, yield_each: bool
 ) -> tuple[dict[str, Series], dict[str, float]]:
-    return asyncio.run(run_inprocess_async(rounds, warmup, requests, yield_each))
+    return asyncio.run(run_inprocess_async(names, rounds, warmup, requests, yield_each))
 
 
 # -- B. real server ------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def http_get(port: int, timeout: float = 1.0) -> tuple[int, bytes]:
-    """One blocking ``GET /`` on a fresh connection: (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (all its threads), from /proc; None elsewhere."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class Server:
-    """One uvicorn subprocess serving one variant on 127.0.0.1."""
-
-    def __init__(self, variant: str, log_dir: Path, cpus: set[int] | None) -> None:
-        self.variant = variant
-        self.cpus = cpus
-        self.log_path = log_dir / f"uvicorn-{variant}.log"
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--app-dir",
-            str(BENCH_DIR),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--workers",
-            "1",
-            "--lifespan",
-            "off",
-            "--log-level",
-            "warning",
-            f"apps:{APP_NAMES.get(self.variant, self.variant)}",
-        ]
-
-    def start(self, timeout: float = 20.0) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        env.pop("WEB_CONCURRENCY", None)
-        for _attempt in range(3):  # the port may be taken between free_port() and uvicorn's bind
-            self.port = free_port()
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(
-                    self.command(self.port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-                )
-            if self.cpus is not None:
-                # Before uvicorn has started any thread: its threads inherit the mask.
-                os.sched_setaffinity(self.proc.pid, self.cpus)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    status, body = http_get(self.port)
-                    if status == 200 and body == apps.BODY:
-                        return
-                    raise RuntimeError(f"{self.variant}: server answered {status} {body[:80]!r}")
-                time.sleep(0.05)
-            self.stop()
-        log_tail = self.log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"uvicorn for {self.variant!r} did not start; log {self.log_path}:\n{log_tail}")
-
-    def cpu_seconds(self) -> float | None:
-        return None if self.proc is None else process_cpu_seconds(self.proc.pid)
-
-    def stop(self) -> None:
-        """Terminate by PID, then kill; every wait is bounded."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-
-
-@contextlib.contextmanager
-def servers(variants: Sequence[str], cpus: set[int] | None) -> Iterator[dict[str, Server]]:
-    with tempfile.TemporaryDirectory(prefix="overhead-") as log_dir:
-        started: dict[str, Server] = {}
-        try:
-            for variant in variants:
-                server = Server(variant, Path(log_dir), cpus)
-                started[variant] = server
-                server.start()
-            yield started
-        finally:
-            for server in started.values():
-                server.stop()
+# -- B. real server ------------------------------------------------------------------
 
 
 @dataclass
@@ -527,9 +372,15 @@ def run_python_load(ports: Sequence[int], duration: float, connections: int) -> 
 class ServerSeries:
     """Per-round results of one server method, per variant."""
 
-    rps: dict[str, Series] = field(default_factory=lambda: {name: Series() for name in SERVER_VARIANTS})
-    cpu_us: dict[str, Series] = field(default_factory=lambda: {name: Series() for name in SERVER_VARIANTS})
-    utilization: dict[str, Series] = field(default_factory=lambda: {name: Series() for name in SERVER_VARIANTS})
+    names: Sequence[str]
+    rps: dict[str, Series] = field(init=False)
+    cpu_us: dict[str, Series] = field(init=False)
+    utilization: dict[str, Series] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rps = {name: Series() for name in self.names}
+        self.cpu_us = {name: Series() for name in self.names}
+        self.utilization = {name: Series() for name in self.names}
 
     def record(self, loads: dict[str, Load], cpu_s: dict[str, float | None]) -> None:
         for name, load in loads.items():
@@ -546,11 +397,8 @@ class ServerSeries:
                 self.cpu_us[name].ratios.append(self.cpu_us[name].values[-1] / self.cpu_us["bare"].values[-1])
 
 
-def cpu_delta(before: float | None, after: float | None) -> float | None:
-    return None if before is None or after is None else after - before
-
-
 def run_server_bench(
+    names: Sequence[str],
     modes: Sequence[str],
     rounds: dict[str, int],
     duration: float,
@@ -571,17 +419,6 @@ def run_server_bench(
         )
         print(f"note: {message}", flush=True)
         notes.append(message)
-    original_cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    server_cpus: set[int] | None = None
-    if pin and len(original_cpus) >= 2:
-        # All servers on one CPU, this process and the load generator (its children) on
-        # another: client and server never compete, and in the concurrent method the
-        # servers share their CPU fairly.
-        server_cpus = {max(original_cpus)}
-        os.sched_setaffinity(0, {min(original_cpus)})
-        notes.append(f"servers pinned to CPU {max(original_cpus)}, load generator to CPU {min(original_cpus)}")
-    elif pin:
-        notes.append("not pinned: fewer than 2 CPUs available")
 
     def load(ports: Sequence[int], seconds: float) -> list[Load]:
         if wrk is not None:
@@ -589,106 +426,53 @@ def run_server_bench(
         return run_python_load(ports, seconds, connections)
 
     results: dict[str, ServerSeries] = {}
-    try:
-        with servers(SERVER_VARIANTS, server_cpus) as running:
-            if warmup > 0:
-                for name in SERVER_VARIANTS:
-                    load([running[name].port], warmup)
-            for mode in modes:
-                series = results[mode] = ServerSeries()
-                for index in range(rounds[mode]):
-                    order = rotated(SERVER_VARIANTS, index)
-                    loads: dict[str, Load] = {}
-                    cpu_s: dict[str, float | None] = {}
-                    time.sleep(0.2)  # let the previous round's connections close
-                    if mode == "alternate":
-                        for name in order:
-                            before = running[name].cpu_seconds()
-                            loads[name] = load([running[name].port], duration)[0]
-                            cpu_s[name] = cpu_delta(before, running[name].cpu_seconds())
-                            time.sleep(0.2)
-                    else:  # concurrent: every variant loaded at once, the start order rotated
-                        befores = {name: running[name].cpu_seconds() for name in order}
-                        for name, result in zip(order, load([running[n].port for n in order], duration), strict=True):
-                            loads[name] = result
-                        cpu_s = {name: cpu_delta(befores[name], running[name].cpu_seconds()) for name in order}
-                    for name, result in loads.items():
-                        if result.errors:
-                            notes.append(f"{mode} round {index + 1} {name}: {result.errors} errors {result.notes}")
-                    series.record(loads, cpu_s)
-                    parts = ", ".join(f"{name} {loads[name].rps:,.0f}/s" for name in order)
-                    print(f"  {mode} round {index + 1}/{rounds[mode]}: {parts}", flush=True)
-    finally:
-        if server_cpus is not None:
-            os.sched_setaffinity(0, original_cpus)
+    # All servers on one CPU, this process and the load generator (its children) on
+    # another: client and server never compete, and in the concurrent method the
+    # servers share their CPU fairly.
+    with pinned(pin, notes) as server_cpus, servers(names, "hello", server_cpus, VARIANT_OF) as running:
+        if warmup > 0:
+            for name in names:
+                load([running[name].port], warmup)
+        for mode in modes:
+            series = results[mode] = ServerSeries(names)
+            for index in range(rounds[mode]):
+                order = rotated(names, index)
+                loads: dict[str, Load] = {}
+                cpu_s: dict[str, float | None] = {}
+                time.sleep(0.2)  # let the previous round's connections close
+                if mode == "alternate":
+                    for name in order:
+                        before = running[name].cpu_seconds()
+                        loads[name] = load([running[name].port], duration)[0]
+                        cpu_s[name] = cpu_delta(before, running[name].cpu_seconds())
+                        time.sleep(0.2)
+                else:  # concurrent: every variant loaded at once, the start order rotated
+                    befores = {name: running[name].cpu_seconds() for name in order}
+                    for name, result in zip(order, load([running[n].port for n in order], duration), strict=True):
+                        loads[name] = result
+                    cpu_s = {name: cpu_delta(befores[name], running[name].cpu_seconds()) for name in order}
+                for name, result in loads.items():
+                    if result.errors:
+                        notes.append(f"{mode} round {index + 1} {name}: {result.errors} errors {result.notes}")
+                series.record(loads, cpu_s)
+                parts = ", ".join(f"{name} {loads[name].rps:,.0f}/s" for name in order)
+                print(f"  {mode} round {index + 1}/{rounds[mode]}: {parts}", flush=True)
     return results, ("wrk" if wrk else "python"), notes
 
 
 # -- reporting -----------------------------------------------------------------------
 
 
-def package_version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "not installed"
+def budget_note(name: str) -> str:
+    """The budget column of a variant that no budget applies to."""
+    if name == "bare2":
+        return "(A/A control: noise)"
+    return "(peer)" if name in apps.PEERS else "(scale)"
 
 
-def environment() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "git_commit": commit or None,
-        "versions": {
-            name: package_version(name) for name in ("asgi-disconnect", "starlette", "uvicorn", "httptools", "anyio")
-        },
-        "wrk": shutil.which("wrk"),
-    }
-
-
-def verdict_ratio(name: str, ratio: float) -> str:
-    if name not in BUDGETED:
-        return "(A/A control: noise)" if name == "bare2" else "(scale)"
-    return f"<= {INPROCESS_BUDGET:.2f}: " + ("OK" if ratio <= INPROCESS_BUDGET else "OVER")
-
-
-def verdict_loss(name: str, ratio: float) -> str:
-    if name not in BUDGETED:
-        return "(A/A control: noise)" if name == "bare2" else ""
-    return f"<= {SERVER_BUDGET_LOSS:.0%} loss: " + ("OK" if 1 - ratio <= SERVER_BUDGET_LOSS else "OVER")
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> tuple[str, str]:
-    """The same table as aligned text and as Markdown."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    text = "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-    md_rows = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    md_rows += ["| " + " | ".join(r) + " |" for r in rows]
-    return text, "\n".join(md_rows)
-
-
-def ratio_cell(summary: dict[str, float]) -> str:
-    if "ratio_median" not in summary:
-        return "1.000"
-    return f"{summary['ratio_median']:.3f} [{summary['ratio_p25']:.3f}-{summary['ratio_p75']:.3f}]"
-
-
-def inprocess_table(series: dict[str, Series], calls: dict[str, float]) -> tuple[str, str, dict[str, Any]]:
+def inprocess_table(
+    series: dict[str, Series], calls: dict[str, float], skipped: dict[str, str]
+) -> tuple[str, str, dict[str, Any]]:
     rows = []
     data: dict[str, Any] = {}
     for name, s in series.items():
@@ -701,6 +485,12 @@ def inprocess_table(series: dict[str, Series], calls: dict[str, float]) -> tuple
             "deltas_us": s.deltas,
         }
         ratio = summary.get("ratio_median", 1.0)
+        if name == "bare":
+            budget = ""
+        elif name in BUDGETED:
+            budget = f"<= {INPROCESS_BUDGET:.2f}: " + ("OK" if ratio <= INPROCESS_BUDGET else "OVER")
+        else:
+            budget = budget_note(name)
         rows.append(
             [
                 name,
@@ -709,9 +499,10 @@ def inprocess_table(series: dict[str, Series], calls: dict[str, float]) -> tuple
                 f"{summary['delta_median']:+.2f}" if name != "bare" else "",
                 ratio_cell(summary),
                 f"{calls[name]:.0f}",
-                verdict_ratio(name, ratio) if name != "bare" else "",
+                budget,
             ]
         )
+    data |= {name: {"skipped": reason} for name, reason in skipped.items()}
     headers = [
         "variant",
         "median us/req",
@@ -721,33 +512,37 @@ def inprocess_table(series: dict[str, Series], calls: dict[str, float]) -> tuple
         "py calls/req",
         "budget",
     ]
-    text, md = table(headers, rows)
+    text, md = table(headers, rows + skipped_rows(skipped, len(headers)))
     return text, md, data
 
 
-def server_table(series: ServerSeries) -> tuple[str, str, dict[str, Any]]:
+def server_table(series: ServerSeries, skipped: dict[str, str]) -> tuple[str, str, dict[str, Any]]:
     rows = []
     data: dict[str, Any] = {}
     for name in series.rps:
         r, c, u = series.rps[name], series.cpu_us[name], series.utilization[name]
         rs = r.summary()
         cs = c.summary() if c.values else None
-        data[name] = {
-            "rps": {"summary": rs, "per_round": r.values, "ratios": r.ratios},
-            "server_cpu_us_per_request": {"summary": cs, "per_round": c.values, "ratios": c.ratios} if cs else None,
-            "server_cpu_utilization": {"per_round": u.values} if u.values else None,
-        }
         rps_loss = 1 - rs.get("ratio_median", 1.0)
         # A CPU-bound server's throughput is 1 / (CPU per request): the same budget, measured
         # without the time the VM did not run the server (steal) or the server sat idle.
         cpu_loss = 1 - 1 / cs["ratio_median"] if cs and "ratio_median" in cs else None
-        if name in BUDGETED:
+        data[name] = {
+            "rps": {"summary": rs, "per_round": r.values, "ratios": r.ratios},
+            "server_cpu_us_per_request": {"summary": cs, "per_round": c.values, "ratios": c.ratios} if cs else None,
+            "server_cpu_utilization": {"per_round": u.values} if u.values else None,
+            "loss": rps_loss if name != "bare" else None,
+            "loss_by_cpu": cpu_loss,
+        }
+        if name == "bare":
+            budget = ""
+        elif name in BUDGETED:
             marks = ["OK" if rps_loss <= SERVER_BUDGET_LOSS else "OVER"]
             if cpu_loss is not None:
                 marks.append("OK" if cpu_loss <= SERVER_BUDGET_LOSS else "OVER")
             budget = " / ".join(marks)
         else:
-            budget = "(A/A control: noise)" if name == "bare2" else ""
+            budget = budget_note(name)
         rows.append(
             [
                 name,
@@ -761,6 +556,7 @@ def server_table(series: ServerSeries) -> tuple[str, str, dict[str, Any]]:
                 budget,
             ]
         )
+    data |= {name: {"skipped": reason} for name, reason in skipped.items()}
     headers = [
         "variant",
         "req/s",
@@ -772,7 +568,7 @@ def server_table(series: ServerSeries) -> tuple[str, str, dict[str, Any]]:
         "server CPU",
         f"<= {SERVER_BUDGET_LOSS:.0%} loss (req/s / CPU)",
     ]
-    text, md = table(headers, rows)
+    text, md = table(headers, rows + skipped_rows(skipped, len(headers)))
     return text, md, data
 
 
@@ -789,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="both",
         help="server measurement method(s) (default both)",
     )
-    parser.add_argument("--rounds", type=int, help="alternating server rounds (default 8, quick 3)")
+    parser.add_argument("--rounds", type=int, help="alternating server rounds (default 8, quick 2)")
     parser.add_argument("--concurrent-rounds", type=int, help="concurrent server rounds (default 15, quick 3)")
     parser.add_argument("--duration", type=float, help="seconds per server round (whole seconds with wrk; default 2)")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections per server (default 32)")
@@ -802,25 +598,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ip_requests = args.requests or (200 if q else 300)
     ip_warmup = 2 if q else 5
     sv_rounds = {
-        "alternate": args.rounds or (3 if q else 8),
+        "alternate": args.rounds or (2 if q else 8),
         "concurrent": args.concurrent_rounds or (3 if q else 15),
     }
     sv_modes = ("concurrent", "alternate") if args.server_method == "both" else (args.server_method,)
     sv_duration = args.duration or (1.0 if q else 2.0)
     sv_warmup = 0.5 if q else 1.0
+    names, skipped = apps.available(VARIANTS)
 
     began = time.perf_counter()
-    report: dict[str, Any] = {"environment": environment(), "quick": q}
+    report: dict[str, Any] = {"environment": environment(), "quick": q, "skipped": skipped}
     report["budgets"] = {"in_process_ratio_max": INPROCESS_BUDGET, "server_throughput_loss_max": SERVER_BUDGET_LOSS}
-    md: list[str] = ["# DisconnectMiddleware overhead", ""]
-    env = report["environment"]
-    header = (
-        f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs, load average at start "
-        f"{', '.join(f'{x:.2f}' for x in env['loadavg_at_start'] or [])}; git {env['git_commit']}; "
-        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    )
+    header = environment_line(report["environment"])
     print(header)
-    md += [header, "", f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/overhead.py', *sys.argv[1:]])}`", ""]
+    md: list[str] = ["# Overhead: DisconnectMiddleware and its peers", "", header, ""]
+    md += [f"Command: `{command_line('benchmarks/overhead.py')}`", ""]
+    for name, reason in skipped.items():
+        print(f"note: {name} {reason}", flush=True)
 
     if not args.no_inprocess:
         for key, yield_each, title in (
@@ -832,8 +626,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"(+{ip_warmup} warm-up rounds), order rotated each round"
             )
             print(f"\n{heading}", flush=True)
-            series, calls = run_inprocess(ip_rounds, ip_warmup, ip_requests, yield_each)
-            text, table_md, data = inprocess_table(series, calls)
+            series, calls = run_inprocess(names, ip_rounds, ip_warmup, ip_requests, yield_each)
+            text, table_md, data = inprocess_table(series, calls, skipped)
             print(text, flush=True)
             report[key] = {
                 "rounds": ip_rounds,
@@ -851,7 +645,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"\n{heading}", flush=True)
         results, loadgen, notes = run_server_bench(
-            sv_modes, sv_rounds, sv_duration, sv_warmup, args.connections, not args.python_loadgen, not args.no_pin
+            names,
+            sv_modes,
+            sv_rounds,
+            sv_duration,
+            sv_warmup,
+            args.connections,
+            not args.python_loadgen,
+            not args.no_pin,
         )
         report["server"] = {
             "duration_s": sv_duration,
@@ -862,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         md += [f"## {heading}", "", f"Load generator: {loadgen}.", ""]
         print(f"load generator: {loadgen}")
         for mode in sv_modes:
-            text, table_md, data = server_table(results[mode])
+            text, table_md, data = server_table(results[mode], skipped)
             title = SERVER_METHODS[mode]
             print(f"\n{title}\n{text}")
             report["server"][mode] = {"rounds": sv_rounds[mode], "description": title, "variants": data}
@@ -879,12 +680,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "their spread; the bare2 (A/A) row is the noise floor. This script reports; it does not fail on budgets."
     )
     print(f"\n{budgets}\ntotal time: {total:.1f} s")
-    md += ["", budgets, "", f"Total time: {total:.1f} s.", ""]
-
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS_DIR / "overhead.md").write_text("\n".join(md))
-    print(f"wrote {RESULTS_DIR / 'overhead.json'} and {RESULTS_DIR / 'overhead.md'}")
+    md += ["", budgets, "", f"Total time: {total:.1f} s."]
+    write_results("overhead", report, md)
     return 0
 
 

@@ -1,0 +1,336 @@
+"""What the benchmark scripts share: statistics, tables, uvicorn subprocesses, CPU pinning."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+# BENCH_RESULTS redirects the output: `scripts/bench --quick` writes to results-quick/
+# (ignored by git), so a smoke run never overwrites the committed figures.
+RESULTS_DIR = Path(os.environ["BENCH_RESULTS"]).resolve() if os.environ.get("BENCH_RESULTS") else BENCH_DIR / "results"
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+import apps  # noqa: E402  (needs BENCH_DIR on sys.path when not run as a script)
+
+# -- statistics ----------------------------------------------------------------------
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (0 <= q <= 1) of a non-empty sequence."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+@dataclass
+class Series:
+    """One variant's per-round measurements and its per-round ratios to bare."""
+
+    values: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    deltas: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        out = {
+            "median": statistics.median(self.values),
+            "min": min(self.values),
+            "max": max(self.values),
+            "p25": quantile(self.values, 0.25),
+            "p75": quantile(self.values, 0.75),
+        }
+        if self.ratios:
+            out |= {
+                "ratio_median": statistics.median(self.ratios),
+                "ratio_p25": quantile(self.ratios, 0.25),
+                "ratio_p75": quantile(self.ratios, 0.75),
+            }
+        if self.deltas:
+            out["delta_median"] = statistics.median(self.deltas)
+        return out
+
+
+def rotated(items: Sequence[str], offset: int) -> list[str]:
+    k = offset % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def ratio_cell(summary: dict[str, float]) -> str:
+    if "ratio_median" not in summary:
+        return "1.000"
+    return f"{summary['ratio_median']:.3f} [{summary['ratio_p25']:.3f}-{summary['ratio_p75']:.3f}]"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> tuple[str, str]:
+    """The same table as aligned text and as Markdown."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    text = "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    md_rows = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    md_rows += ["| " + " | ".join(r) + " |" for r in rows]
+    return text, "\n".join(md_rows)
+
+
+def skipped_rows(notes: dict[str, str], columns: int) -> list[list[str]]:
+    """Table rows for variants that could not run: the name, then the reason."""
+    return [[name, reason, *([""] * (columns - 2))] for name, reason in notes.items()]
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get(port: int, timeout: float = 1.0) -> tuple[int, bytes]:
+    """One blocking ``GET /`` on a fresh connection: (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
+    return status, body
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads), from /proc; None elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_kib(pid: int) -> int | None:
+    """Resident set size of a process in KiB, from /proc; None elsewhere."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return None
+
+
+def cpu_delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+class Server:
+    """One uvicorn subprocess serving one variant's app on 127.0.0.1 (``apps.from_env``)."""
+
+    def __init__(self, name: str, variant: str, app: str, log_dir: Path, cpus: set[int] | None) -> None:
+        self.name = name
+        self.variant = variant
+        self.app = app
+        self.cpus = cpus
+        self.log_path = log_dir / f"uvicorn-{app}-{name}.log"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self, port: int) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(BENCH_DIR),
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--workers",
+            "1",
+            "--lifespan",
+            "off",
+            "--log-level",
+            "warning",
+            "apps:from_env",
+        ]
+
+    def start(self, timeout: float = 20.0) -> None:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            "BENCH_VARIANT": self.variant,
+            "BENCH_APP": self.app,
+        }
+        env.pop("WEB_CONCURRENCY", None)
+        for _attempt in range(3):  # the port may be taken between free_port() and uvicorn's bind
+            self.port = free_port()
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen(
+                    self.command(self.port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                )
+            if self.cpus is not None:
+                # Before uvicorn has started any thread: its threads inherit the mask.
+                os.sched_setaffinity(self.proc.pid, self.cpus)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    status, body = http_get(self.port)
+                    if status == 200 and body == apps.BODY:
+                        return
+                    raise RuntimeError(f"{self.name}: server answered {status} {body[:80]!r}")
+                time.sleep(0.05)
+            self.stop()
+        log_tail = self.log_path.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"uvicorn for {self.name!r} did not start; log {self.log_path}:\n{log_tail}")
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.proc is None else process_cpu_seconds(self.proc.pid)
+
+    def rss_kib(self) -> int | None:
+        return None if self.proc is None else process_rss_kib(self.proc.pid)
+
+    def stop(self) -> None:
+        """Terminate by PID, then kill; every wait is bounded."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def servers(
+    names: Sequence[str], app: str, cpus: set[int] | None, variant_of: dict[str, str]
+) -> Iterator[dict[str, Server]]:
+    """Start one server per name (``variant_of`` maps a name such as ``bare2`` to its
+    variant), all up front; stop every one on the way out."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{app}-") as log_dir:
+        started: dict[str, Server] = {}
+        try:
+            for name in names:
+                server = Server(name, variant_of.get(name, name), app, Path(log_dir), cpus)
+                started[name] = server
+                server.start()
+            yield started
+        finally:
+            for server in started.values():
+                server.stop()
+
+
+@contextlib.contextmanager
+def pinned(pin: bool, notes: list[str]) -> Iterator[set[int] | None]:
+    """With two or more CPUs, give the servers one CPU and this process (and the load
+    generators it starts) another, so that client and server never compete; yield the
+    servers' CPU set (None when not pinned) and restore this process's mask afterwards."""
+    original = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    if not pin or len(original) < 2:
+        if pin:
+            notes.append("not pinned: fewer than 2 CPUs available")
+        yield None
+        return
+    server_cpus = {max(original)}
+    os.sched_setaffinity(0, {min(original)})
+    notes.append(f"servers pinned to CPU {max(original)}, load generator to CPU {min(original)}")
+    try:
+        yield server_cpus
+    finally:
+        os.sched_setaffinity(0, original)
+
+
+# -- reporting -----------------------------------------------------------------------
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    names = ("asgi-disconnect", "starlette", "uvicorn", "httptools", "anyio", "fastapi-disconnect", "aiofence")
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "git_commit": commit or None,
+        "versions": {name: package_version(name) for name in names},
+        "wrk": shutil.which("wrk"),
+    }
+
+
+def environment_line(env: dict[str, Any]) -> str:
+    return (
+        f"Python {env['python']} on {env['platform']}, {env['cpus']} CPUs, load average at start "
+        f"{', '.join(f'{x:.2f}' for x in env['loadavg_at_start'] or [])}; git {env['git_commit']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    )
+
+
+def command_line(script: str) -> str:
+    """How this script was run, for the results' header."""
+    executable = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        executable = executable.relative_to(ROOT)
+    return " ".join([executable.as_posix(), script, *sys.argv[1:]])
+
+
+def write_results(name: str, report: dict[str, Any], markdown: Sequence[str]) -> None:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text("\n".join(markdown).rstrip("\n") + "\n")
+    print(f"wrote {RESULTS_DIR / f'{name}.json'} and {RESULTS_DIR / f'{name}.md'}", flush=True)
+
+
+def quiet_logs() -> None:
+    """Only warnings and errors: the middleware's abort events are noise in a benchmark.
+    (The script decides what is printed; the library never configures structlog.)"""
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    logging.getLogger("aiofence").setLevel(logging.ERROR)

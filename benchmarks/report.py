@@ -1,0 +1,387 @@
+"""The summary of a benchmark run: ``results/summary.md`` and ``results/benchmarks.png``.
+
+Run from the repository root after the benchmarks (``scripts/bench`` does)::
+
+    .venv/bin/python benchmarks/report.py
+
+It reads ``results/{overhead,latency,throughput,memory}.json``, whichever exist, and
+lists every budget of DESIGN.md with where it stands, then this package next to its
+peers. The chart shows the in-process time per request and the server throughput loss
+per variant, and the detection p99 per variant and handler, with the budget lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import apps
+from common import RESULTS_DIR, environment_line, table
+from memory import flat
+
+OURS = ("observe", "cancel", "guard_stream")
+ORDER = ("bare2", "observe", "cancel", "guard_stream", "basehttp", "fastapi-disconnect", "aiofence")
+Json = dict[str, Any]
+
+
+def load(name: str) -> Json | None:
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        return None
+    data: Json = json.loads(path.read_text())
+    return data
+
+
+def dig(data: Any, *keys: str) -> Any:
+    """``data[k1][k2]...``, or None as soon as a key is missing."""
+    for key in keys:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def status(ok: bool | None) -> str:
+    return "n/a" if ok is None else "OK" if ok else "OVER"
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+# -- what the budgets read -----------------------------------------------------------
+
+
+def inprocess_ratio(overhead: Json | None, variant: str, key: str = "in_process") -> float | None:
+    ratio: float | None = dig(overhead, key, "variants", variant, "summary", "ratio_median")
+    return ratio
+
+
+def server_loss(overhead: Json | None, variant: str, method: str, by_cpu: bool) -> float | None:
+    loss: float | None = dig(overhead, "server", method, "variants", variant, "loss_by_cpu" if by_cpu else "loss")
+    return loss
+
+
+def latency_rows(latency: Json | None, variant: str, case: str | None = None) -> list[Json]:
+    rows: list[Json] = [] if latency is None else latency["rows"]
+    return [r for r in rows if r["variant"] == variant and (case is None or r["case"].startswith(case))]
+
+
+def worst_p99(rows: Sequence[Json]) -> float | None:
+    """The worst p99 over FIN and RST; infinity when a handler never heard."""
+    if not rows:
+        return None
+    if any(r["never"] or r["lost"] or r["p99_ms"] is None for r in rows):
+        return float("inf")
+    return max(float(r["p99_ms"]) for r in rows)
+
+
+def stream_ratio(throughput: Json | None, variant: str, by_cpu: bool) -> float | None:
+    if by_cpu:
+        cpu: float | None = dig(
+            throughput, "concurrent", "variants", variant, "server_cpu_ms_per_mb", "summary", "ratio_median"
+        )
+        return cpu
+    rate: float | None = dig(throughput, "concurrent", "variants", variant, "mb_per_s", "summary", "ratio_median")
+    return rate
+
+
+def budget_rows(overhead: Json | None, latency: Json | None, memory: Json | None) -> list[list[str]]:
+    rows: list[list[str]] = []
+    in_budget = dig(overhead, "budgets", "in_process_ratio_max") or 1.25
+    loss_budget = dig(overhead, "budgets", "server_throughput_loss_max") or 0.05
+    for mode in ("observe", "cancel"):
+        losses = {
+            (method, by_cpu): server_loss(overhead, mode, method, by_cpu)
+            for method in ("concurrent", "alternate")
+            for by_cpu in (False, True)
+        }
+        measured = "; ".join(
+            f"{'B1' if method == 'concurrent' else 'B2'} {'CPU' if by_cpu else 'req/s'} {fmt(value, '+.1%')}"
+            for (method, by_cpu), value in losses.items()
+        )
+        known = [v for v in losses.values() if v is not None]
+        rows.append(
+            [
+                f"uvicorn + Starlette hello world, {mode} mode: at most {loss_budget:.0%} below bare",
+                measured,
+                status(None if not known else max(known) <= loss_budget),
+            ]
+        )
+    for mode in ("observe", "cancel"):
+        ratios = [inprocess_ratio(overhead, mode, key) for key in ("in_process", "in_process_yield_each")]
+        known = [r for r in ratios if r is not None]
+        rows.append(
+            [
+                f"in process, {mode} mode: at most {in_budget:.2f}x bare per request",
+                f"{fmt(ratios[0], '.3f', 'x')} (loop iteration per round), {fmt(ratios[1], '.3f', 'x')} (per request)",
+                status(None if not known else max(known) <= in_budget),
+            ]
+        )
+    p99_budget = dig(latency, "budgets", "p99_ms_max") or 5.0
+    for case, variants in (("non-streaming", ("observe", "cancel")), ("stream", OURS)):
+        parts = []
+        worst: list[float] = []
+        for variant in variants:
+            p99 = worst_p99(latency_rows(latency, variant, case))
+            if p99 is not None:
+                worst.append(p99)
+                parts.append(f"{variant} {p99:.2f} ms")
+        rows.append(
+            [
+                f"detection p99 under {p99_budget:g} ms, {case} (FIN and RST)",
+                ", ".join(parts) or "n/a",
+                status(None if not worst else max(worst) < p99_budget),
+            ]
+        )
+    chunk_budget = dig(latency, "budgets", "chunks_after_detection_max") or 1
+    chunks = [
+        int(r["max_chunks_after_detection"])
+        for variant in OURS
+        for r in latency_rows(latency, variant, "stream")
+        if r["max_chunks_after_detection"] is not None
+    ]
+    rows.append(
+        [
+            f"at most {chunk_budget} chunk produced after the detection (5 ms tokens and a busy producer)",
+            f"at most {max(chunks)}" if chunks else "n/a",
+            status(None if not chunks else max(chunks) <= chunk_budget),
+        ]
+    )
+    inflight = {
+        v: dig(memory, "in_process", v, "inflight", "per_request", "traced_bytes")
+        for v in ("bare", "observe", "cancel")
+    }
+    rows.append(
+        [
+            "memory bounded per in-flight request",
+            ", ".join(f"{v} {fmt(b, ',.0f', ' B')}" for v, b in inflight.items()),
+            status(None if inflight["observe"] is None else True),
+        ]
+    )
+    requests = dig(memory, "aborted_requests") or 0
+    bare = dig(memory, "in_process", "bare", "aborted", "growth")
+    parts = []
+    verdicts: list[bool] = []
+    for variant in ("bare", *OURS):
+        grown = dig(memory, "in_process", variant, "aborted", "growth")
+        if grown is None:
+            continue
+        parts.append(f"{variant} {grown['traced_bytes'] / 1024:+.1f} KiB, {grown['gc_objects']:+d} objects")
+        if variant != "bare" and bare is not None:
+            verdicts.append(flat(grown, bare, requests))
+    rows.append(
+        [
+            f"memory after {requests:,} aborted requests: no more growth than bare",
+            "; ".join(parts) or "n/a",
+            status(None if not verdicts else all(verdicts)),
+        ]
+    )
+    return rows
+
+
+def peer_rows(
+    overhead: Json | None, latency: Json | None, throughput: Json | None, memory: Json | None
+) -> list[list[str]]:
+    skipped: dict[str, str] = {}
+    for data in (overhead, latency, throughput, memory):
+        skipped |= dig(data, "skipped") or {}
+    rows = []
+    for variant in ("bare", "observe", "cancel", "guard_stream", "basehttp", "fastapi-disconnect", "aiofence"):
+        if variant in skipped:
+            rows.append([variant, skipped[variant], "", "", "", "", "", ""])
+            continue
+        grown = dig(memory, "in_process", variant, "aborted", "growth")
+        inflight = dig(memory, "in_process", variant, "inflight", "per_request", "traced_bytes")
+        baseline = variant == "bare"
+        rows.append(
+            [
+                variant,
+                "1 (baseline)" if baseline else fmt(inprocess_ratio(overhead, variant), ".2f", "x"),
+                "0 (baseline)"
+                if baseline
+                else fmt(server_loss(overhead, variant, "concurrent", False), "+.1%")
+                + " / "
+                + fmt(server_loss(overhead, variant, "concurrent", True), "+.1%"),
+                _p99_cell(latency_rows(latency, variant, "non-streaming")),
+                _p99_cell(latency_rows(latency, variant, "stream")),
+                "1 (baseline)" if baseline else fmt(stream_ratio(throughput, variant, False), ".2f"),
+                fmt(inflight, ",.0f"),
+                "n/a" if grown is None else f"{grown['traced_bytes'] / 1024:+.1f} KiB / {grown['gc_objects']:+d}",
+            ]
+        )
+    return rows
+
+
+def _p99_cell(rows: Sequence[Json]) -> str:
+    worst = worst_p99(rows)
+    if worst is None:
+        return "-"
+    return "never" if worst == float("inf") else f"{worst:.2f}"
+
+
+# -- the chart -----------------------------------------------------------------------
+
+
+def chart(overhead: Json | None, latency: Json | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), gridspec_kw={"width_ratios": [1, 1, 1.35]})
+    ours_color, peer_color, other_color = "#2b6cb0", "#c05621", "#718096"
+
+    def color(variant: str) -> str:
+        return ours_color if variant in OURS else peer_color if variant in apps.PEERS else other_color
+
+    # 1. in process
+    ax = axes[0]
+    names = [v for v in ORDER if inprocess_ratio(overhead, v) is not None]
+    values = [inprocess_ratio(overhead, v) or 0.0 for v in names]
+    ax.barh(names, values, color=[color(v) for v in names])
+    ax.set_xscale("log")
+    ticks = [1, 2, 5, 10, 20]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
+    ax.axvline(1.25, color="#c53030", linestyle="--", label="budget 1.25x")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for y, value in enumerate(values):
+        ax.text(value * 1.04, y, f"{value:.2f}x", va="center", fontsize=9)
+    ax.set_xlim(0.8, max([*values, 2.0]) * 1.6)
+    ax.invert_yaxis()
+    ax.set_title("In process: time per request / bare\n(Starlette hello world, no server)")
+    ax.set_xlabel("ratio to bare (log scale)")
+    ax.legend(loc="upper right", fontsize=9)
+
+    # 2. real server
+    ax = axes[1]
+    names = [v for v in ORDER if server_loss(overhead, v, "concurrent", False) is not None]
+    ys = list(range(len(names)))
+    rps = [100 * (server_loss(overhead, v, "concurrent", False) or 0.0) for v in names]
+    cpu = [100 * (server_loss(overhead, v, "concurrent", True) or 0.0) for v in names]
+    ax.barh([y - 0.2 for y in ys], rps, height=0.4, color=[color(v) for v in names])
+    ax.barh([y + 0.2 for y in ys], cpu, height=0.4, color=[color(v) for v in names], alpha=0.45)
+    ax.set_yticks(ys, names)
+    ax.axvline(5, color="#c53030", linestyle="--")
+    ax.axvline(0, color="black", linewidth=0.8)
+    for y, (a, b) in enumerate(zip(rps, cpu, strict=True)):
+        ax.text(max(a, 0) + 1, y - 0.2, f"{a:+.1f}%", va="center", fontsize=8)
+        ax.text(max(b, 0) + 1, y + 0.2, f"{b:+.1f}%", va="center", fontsize=8)
+    ax.set_xlim(min([*rps, *cpu, 0.0]) - 3, max([*rps, *cpu, 10.0]) * 1.2)
+    ax.invert_yaxis()
+    ax.set_title("uvicorn + Starlette hello world:\nthroughput loss vs bare (concurrent rounds)")
+    ax.set_xlabel("loss, % (lower is better)")
+    ax.legend(
+        handles=[
+            Patch(color=other_color, label="requests/s"),
+            Patch(color=other_color, alpha=0.45, label="by server CPU per request"),
+            Line2D([], [], color="#c53030", linestyle="--", label="budget 5%"),
+        ],
+        loc="upper right",
+        fontsize=9,
+    )
+
+    # 3. detection p99
+    ax = axes[2]
+    cases = (
+        ("non-streaming", "non-streaming"),
+        ("stream, tokens", "stream, 5 ms tokens"),
+        ("stream, busy", "stream, busy"),
+    )
+    variants = [v for v in ("bare", *OURS, "fastapi-disconnect", "aiofence") if latency_rows(latency, v)]
+    width = 0.8 / len(cases)
+    top = 6.0
+    for i, (prefix, label) in enumerate(cases):
+        xs, heights, texts = [], [], []
+        for x, variant in enumerate(variants):
+            p99 = worst_p99(latency_rows(latency, variant, prefix))
+            if p99 is None:
+                continue
+            xs.append(x + (i - 1) * width)
+            heights.append(min(p99, top))
+            texts.append("never" if p99 == float("inf") else f"{p99:.1f}")
+        bars = ax.bar(xs, heights, width=width, label=label, color=("#2c5282", "#63b3ed", "#90cdf4")[i])
+        for bar, text in zip(bars, texts, strict=True):
+            if text == "never":
+                bar.set_hatch("//")
+                bar.set_facecolor("#e2e8f0")
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                bar.get_height() + 0.08,
+                text,
+                ha="center",
+                fontsize=7.5,
+                rotation=90 if text == "never" else 0,
+            )
+    ax.axhline(5, color="#c53030", linestyle="--")
+    ax.set_xticks(range(len(variants)), variants, rotation=20, ha="right")
+    ax.set_ylim(0, top + 1.2)
+    ax.set_ylabel("p99, ms (worst of FIN and RST)")
+    ax.set_title("Detection: client close to handler heard, p99\n(real uvicorn, loopback)")
+    colors = ("#2c5282", "#63b3ed", "#90cdf4")
+    handles: list[Any] = [Patch(color=c, label=label) for c, (_, label) in zip(colors, cases, strict=True)]
+    handles += [
+        Patch(facecolor="#e2e8f0", hatch="//", label="never (ran to its end)"),
+        Line2D([], [], color="#c53030", linestyle="--", label="budget 5 ms"),
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=8, ncol=2)
+
+    fig.suptitle(
+        "asgi-disconnect: blue this package, orange its peers (fastapi-disconnect, aiofence), grey for scale",
+        fontsize=12,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    overhead, latency, throughput, memory = (load(n) for n in ("overhead", "latency", "throughput", "memory"))
+    env = next((d["environment"] for d in (overhead, latency, throughput, memory) if d), None)
+    md = ["# Benchmark summary", ""]
+    if env is not None:
+        md += [environment_line(env), ""]
+    quick = any(dig(d, "quick") for d in (overhead, latency, throughput, memory))
+    if quick:
+        md += ["**A smoke run (`--quick`): too few rounds for the figures to mean much.**", ""]
+    md += ["Run with `scripts/bench`; details in overhead.md, latency.md, throughput.md and memory.md.", ""]
+    _, budgets_md = table(["budget (DESIGN.md)", "measured", "status"], budget_rows(overhead, latency, memory))
+    md += ["## Budgets", "", budgets_md, ""]
+    md += [
+        "Server loss: B1 concurrent rounds (all servers loaded at once), B2 alternating; req/s and server CPU per "
+        "request (the steadier). The A/A row (bare2) in overhead.md is the noise floor of the run.",
+        "",
+    ]
+    headers = [
+        "variant",
+        "in process vs bare",
+        "server loss req/s / CPU",
+        "detection p99 ms, non-streaming",
+        "detection p99 ms, streams",
+        "stream MB/s vs bare",
+        "bytes per in-flight request",
+        "growth after aborts",
+    ]
+    _, peers_md = table(headers, peer_rows(overhead, latency, throughput, memory))
+    md += ["## This package and its peers", "", peers_md, ""]
+    md += [
+        "Detection p99: the worst over FIN and RST and, for streams, over 5 ms tokens and a busy producer; "
+        '"never": the handler ran to its end. Stream MB/s: 64 KiB chunks, concurrent rounds.',
+        "",
+        "![benchmarks](benchmarks.png)",
+    ]
+    (RESULTS_DIR / "summary.md").write_text("\n".join(md) + "\n")
+    chart(overhead, latency, RESULTS_DIR / "benchmarks.png")
+    print("\n".join(md))
+    print(f"wrote {RESULTS_DIR / 'summary.md'} and {RESULTS_DIR / 'benchmarks.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
