@@ -4,8 +4,10 @@ import asyncio
 import inspect
 import sys
 import time
+import types
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -97,6 +99,36 @@ def _raised_by(exc: BaseException, func: Any) -> bool:
     return False
 
 
+async def _as_coroutine(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
+@types.coroutine
+def _resume(app: Coroutine[Any, Any, None], suspended: Any) -> Generator[Any, Any, None]:
+    """Await ``app``, a coroutine whose first step yielded ``suspended``, as ``await app``
+    would have: the task gets ``suspended``, and every later step is delegated natively."""
+    while True:
+        try:
+            sent = yield suspended
+        except GeneratorExit:
+            app.close()
+            raise
+        except BaseException as exc:  # a cancellation, thrown in where the app waits
+            try:
+                suspended = app.throw(exc)
+            except StopIteration:
+                return
+            continue
+        if sent is None:  # what an asyncio task always sends: plain delegation from here
+            # types.coroutine lets a generator delegate to a coroutine object directly.
+            yield from app
+            return
+        try:
+            suspended = app.send(sent)
+        except StopIteration:
+            return
+
+
 class _Cycle(DisconnectState):
     """One request's side of the middleware: the receive channel and the send wrapper.
 
@@ -107,18 +139,34 @@ class _Cycle(DisconnectState):
     watcher exists only if the app suspends (see ``DisconnectMiddleware.__call__``).
     """
 
-    # Defaults at class level (see DisconnectState): only per-request values are set.
+    # What every request reads or writes lives in slots, set by __init__: on Python 3.12
+    # a slot is read and written faster than an instance dict entry, and a plain request
+    # never creates the instance dict at all. The rest, needed only by a request that
+    # suspends, aborts or streams, are class-level defaults that such a request overrides
+    # in its instance dict.
+    __slots__ = (
+        "started_at",
+        "disconnected",
+        "bytes_sent",
+        "cancel",
+        "_mw",
+        "_task",
+        "_scope",
+        "_receive",
+        "_send",
+        "_slow",  # anything beyond the plain request: a watcher, an abort, a stream
+        "_started",  # the http.response.start message, once sent
+        "_trailers",  # the response announced trailers
+        "_complete",  # the app sent its final message: a later disconnect is a normal close
+        "_stopped",  # the app returned: the watcher must not start
+    )
     _app_read = False  # the app has called receive() itself
     _body_complete = False  # the server delivered the last http.request
     _reading = False  # a server receive() is in flight
     _buffer: deque[Message] | None = None  # read ahead, not yet handed to the app
     _buffered = 0
     _tick: anyio.Event | None = None  # set when a read ends or the app takes a message
-    _started: Message | None = None  # the http.response.start message, once sent
-    _trailers = False  # the response announced trailers
-    _complete = False  # the app sent its final message: a later disconnect is a normal close
     _closed = False  # the server said http.disconnect (normal close or abort)
-    _stopped = False  # the app returned: the watcher must not start
     _watcher: asyncio.Task[None] | anyio.CancelScope | None = None
     _error: Exception | None = None
     _app_told = False  # the app itself received http.disconnect: it was told
@@ -127,7 +175,6 @@ class _Cycle(DisconnectState):
     _canceller: NativeCanceller | None = None  # asyncio: delivers the cancellation
     _streams: list[_GuardedStream[Any]] | None = None  # guard_stream bodies, closed if abandoned
     _read_ahead_ok: bool | None = None  # from the request headers, on a watcher's first need
-    _slow = False
     # Set only where they are used: _warn_handle (when a cancellation begins), _tg and
     # _app_scope (trio).
     _warn_handle: asyncio.TimerHandle
@@ -135,21 +182,21 @@ class _Cycle(DisconnectState):
     _app_scope: anyio.CancelScope
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send, task: Any) -> None:
-        # No DisconnectState.__init__ call and only what differs from the class-level
-        # defaults: this constructor runs once per request.
+        # No DisconnectState.__init__ call: this constructor runs once per request.
         self.started_at = time.monotonic()
-        # Read on every request: instance attributes are read faster than class ones.
         self.disconnected = False
         self.bytes_sent = 0
-        self._trailers = False
-        self._slow = False  # anything beyond the plain request: a watcher, an abort, a stream
-        if mw.cancel:
-            self.cancel = not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
+        self.cancel = mw.cancel and not (mw.cancel_exclude and scope["path"].startswith(mw.cancel_exclude))
         self._mw = mw
         self._task: asyncio.Task[Any] | None = task  # asyncio: the target of a cancellation
         self._scope = scope  # the server's scope, never the copy that holds the state
         self._receive = receive
         self._send = send
+        self._slow = False
+        self._started: Message | None = None
+        self._trailers = False
+        self._complete = False
+        self._stopped = False
 
     # -- receive side ------------------------------------------------------------
 
@@ -459,23 +506,33 @@ class DisconnectMiddleware:
         loop = asyncio._get_running_loop()  # None, not an exception, under trio: cheaper
         task = None if loop is None else current_task(loop)
         cycle = _Cycle(self, scope, receive, send, task)
-        app_scope = {**scope, SCOPE_KEY: cycle}
+        app_scope = scope.copy()  # an ASGI scope is a dict: its keys table is cloned, not rebuilt
+        app_scope[SCOPE_KEY] = cycle
         send_wrapper = cycle._app_send if self.send_timeout is None else cycle._app_send_timed
         if loop is None or task is None:
             # trio, or a coroutine driven by hand outside any asyncio task
             await self._call_in_task_group(cycle, app_scope, send_wrapper)
         else:
-            # A task per request costs more than this middleware's whole budget, so
-            # watchers start from one callback per loop iteration, for the requests
-            # still running by then: an app that answers without suspending never
-            # needs one, and one that suspends gets it within one loop iteration. (A
-            # periodic timer instead costs more: it wakes a busy server 1000 times/s.)
-            batch = self._batches.get(loop)
-            if batch is None:
-                batch = self._new_batch(loop)
-            batch.append(cycle)
+            # A task per request costs more than this middleware's whole budget, so the
+            # app's first step runs here, by hand: an app that answers without suspending
+            # (a hello world, a cached answer) needs no watcher and costs no callback.
+            # One that suspends joins the requests whose watchers start from one callback
+            # in the next loop iteration. (A periodic timer instead costs more: it wakes
+            # a busy server 1000 times/s.)
             try:
-                await self.app(app_scope, cycle._app_receive, send_wrapper)
+                app = self.app(app_scope, cycle._app_receive, send_wrapper)
+                if type(app) is not CoroutineType:
+                    app = _as_coroutine(app)  # any other awaitable an ASGI callable returns
+                try:
+                    suspended = app.send(None)
+                except StopIteration:
+                    pass
+                else:
+                    batch = self._batches.get(loop)
+                    if batch is None:
+                        batch = self._new_batch(loop)
+                    batch.append(cycle)
+                    await _resume(app, suspended)
             except BaseException as exc:
                 if not self._absorbs(cycle, exc):
                     raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
@@ -22,7 +23,7 @@ from asgi_disconnect import (
     DisconnectState,
     disconnect_state,
 )
-from asgi_disconnect._types import Message, Receive, Scope, Send
+from asgi_disconnect._types import ASGIApp, Message, Receive, Scope, Send
 from tests.peer import Peer, http_scope
 
 if sys.version_info < (3, 11):
@@ -663,3 +664,139 @@ async def test_state_reads_well_and_wait_returns_at_once_after_the_disconnect() 
         await state.wait()  # already disconnected: returns at once
     state.cancelled = True
     assert repr(state) == "<DisconnectState disconnected phase=mid_body bytes_sent=0 cancelled>"
+
+
+# -- how the middleware drives the app (on asyncio it runs the app's first step by hand) --
+
+
+class _OneStep:
+    """An awaitable that is not a coroutine: it suspends once, then returns what it was sent."""
+
+    def __init__(self) -> None:
+        self.sent: Any = None
+
+    def __await__(self) -> Any:
+        self.sent = yield
+        return self.sent
+
+
+def _app_with_steps(log: list[str], suspend: Any) -> ASGIApp:
+    """An app that suspends once at ``suspend()``, answers, and cleans up with an await."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        log.append("start")
+        try:
+            await suspend()
+            log.append("resumed")
+            await send(START)
+            await send(body(b"ok"))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()  # cleanup that suspends again
+            log.append("finally")
+
+    return app
+
+
+async def test_an_app_that_answers_without_suspending_is_never_watched() -> None:
+    """A plain answer: nothing reads the channel for it, and the response goes out whole."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+        await send(body(b"ok"))
+
+    peer = Peer()
+    await DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
+    await wait_until_suspended()
+    assert [m["type"] for m in peer.sent] == ["http.response.start", "http.response.body"]
+    assert peer.receive_calls == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_awaitable_that_is_not_a_coroutine_is_awaited() -> None:
+    """An ASGI callable may return any awaitable: here a Future that another task resolves."""
+    peer = Peer()
+    tasks: list[asyncio.Task[None]] = []
+
+    def future_app(scope: Scope, receive: Receive, send: Send) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+
+        async def answer() -> None:
+            await send(START)
+            await send(body(b"ok"))
+            future.set_result(None)
+
+        tasks.append(asyncio.ensure_future(answer()))
+        return future
+
+    with anyio.fail_after(1):
+        await DisconnectMiddleware(future_app)(http_scope(), peer.receive, peer.send)
+    assert b"".join(m.get("body", b"") for m in peer.sent) == b"ok"
+    assert tasks[0].done()
+
+
+async def test_a_cancellation_at_the_apps_first_await_reaches_the_app() -> None:
+    """Cancelled while waiting at its first await, the app's cleanup runs to its end."""
+    log: list[str] = []
+    peer = Peer()
+    app = DisconnectMiddleware(_app_with_steps(log, anyio.sleep_forever))
+    with anyio.move_on_after(0.05) as timer:
+        await app(http_scope(), peer.receive, peer.send)
+    assert timer.cancelled_caught
+    assert log == ["start", "finally"]
+    assert peer.sent == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_app_gets_what_the_driver_sends_and_is_closed_with_the_middleware() -> None:
+    """Driven by hand inside a task, the app receives exactly the values its driver sends,
+    and closing the middleware's coroutine at the app's first await closes the app."""
+    log: list[str] = []
+    peer = Peer()
+    step = _OneStep()
+    coro = DisconnectMiddleware(_app_with_steps(log, lambda: step))(http_scope(), peer.receive, peer.send)
+    assert coro.send(None) is None  # the app's bare yield reaches the driver
+    assert coro.send("from the driver") is None  # the cleanup's checkpoint
+    with pytest.raises(StopIteration):
+        coro.send(None)
+    assert step.sent == "from the driver"
+    assert log == ["start", "resumed", "finally"]
+    assert b"".join(m.get("body", b"") for m in peer.sent) == b"ok"
+
+    closing: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await _OneStep()
+        finally:
+            closing.append("finally")
+
+    coro = DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
+    coro.send(None)
+    coro.close()
+    assert closing == ["finally"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_app_that_ends_on_what_its_driver_sends_or_throws_ends_the_middleware() -> None:
+    """The app's last step may be a sent value or a thrown error it handles: either way the
+    middleware's coroutine ends with it, as the app's own would."""
+    peer = Peer()
+    log: list[str] = []
+    step = _OneStep()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            log.append(await step)
+        except ValueError as exc:
+            log.append(f"handled {exc}")
+
+    coro = DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
+    coro.send(None)
+    with pytest.raises(StopIteration):
+        coro.send("sent")
+    coro = DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
+    coro.send(None)
+    with pytest.raises(StopIteration):
+        coro.throw(ValueError("thrown"))
+    assert log == ["sent", "handled thrown"]
