@@ -1,0 +1,250 @@
+"""Instructions per request, counted by valgrind's callgrind: a cost figure no noise moves.
+
+Run from the repository root (``scripts/bench`` runs it when ``valgrind`` is on PATH)::
+
+    .venv/bin/python benchmarks/instructions.py           # about 6 minutes
+    .venv/bin/python benchmarks/instructions.py --quick   # fewer requests, about 4 minutes
+
+Wall-clock ratios on a shared VM move by several percent from run to run; instruction
+counts do not (the same binary, inputs and hash seed give the same count, whatever else
+the machine does). They weigh a cache miss like a cached load, so they are a floor under
+the wall-clock cost, not a replacement for ``overhead.py``: they show where a budget
+stands without noise and what a change to the hot path saved.
+
+Each figure is the difference of two runs of one variant under ``valgrind
+--tool=callgrind``, one with N requests and one with none (start-up, imports and a
+warm-up of 300 requests are in both and cancel out), divided by N:
+
+- in process: the Starlette hello world awaited directly, as in part A of
+  ``overhead.py`` (a round of N requests in one loop iteration, and one loop iteration
+  per request);
+- server: a uvicorn (httptools) process serving the hello world, under callgrind, and one
+  keep-alive client sending N requests one after the other (each one its own loop
+  iteration in the server).
+
+Results: ``benchmarks/results/instructions.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import apps
+from common import BENCH_DIR, ROOT, command_line, environment, environment_line, free_port, table, write_results
+
+VARIANTS = ("bare", "observe", "cancel", "fastapi-disconnect", "aiofence")
+WARMUP = 300
+_TOTALS = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
+_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+#: Bounds on every wait: valgrind makes Python about 50 times slower.
+_START_TIMEOUT = 120.0
+_RUN_TIMEOUT = 600.0
+
+
+def _callgrind(argv: list[str], out: Path) -> list[str]:
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+
+
+def _total(out: Path) -> int:
+    match = _TOTALS.search(out.read_bytes())
+    if match is None:
+        raise RuntimeError(f"no instruction total in {out}")
+    return int(match.group(1))
+
+
+def _env() -> dict[str, str]:
+    # One hash seed: dict and set layouts, hence instruction counts, repeat run to run.
+    path = os.pathsep.join(filter(None, [str(ROOT), str(BENCH_DIR), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": path}
+
+
+# -- in process ------------------------------------------------------------------------
+
+
+async def _child(variant: str, requests: int, yield_each: bool) -> None:
+    from overhead import check_app, time_round
+
+    never = asyncio.Event()
+    app = apps.make(variant)
+    await check_app(variant, app, never)
+    await time_round(app, WARMUP, never, yield_each)
+    await asyncio.sleep(0)
+    if requests:  # the run with none measures everything but the requests
+        await time_round(app, requests, never, yield_each)
+    await asyncio.sleep(0)
+
+
+def inprocess(variant: str, requests: int, yield_each: bool, work: Path) -> float:
+    totals = []
+    for count in (0, requests):
+        out = work / f"inprocess-{variant}-{yield_each}-{count}.out"
+        argv = [sys.executable, str(Path(__file__)), "--child", variant, str(count), "iter" if yield_each else "round"]
+        done = subprocess.run(_callgrind(argv, out), env=_env(), capture_output=True, timeout=_RUN_TIMEOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"{variant}: the counted run failed:\n{done.stderr.decode(errors='replace')[-2000:]}")
+        totals.append(_total(out))
+    return (totals[1] - totals[0]) / requests
+
+
+# -- server ----------------------------------------------------------------------------
+
+
+def _client(port: int, requests: int, deadline: float) -> None:
+    """WARMUP + ``requests`` keep-alive requests, one after the other."""
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with sock:
+        for _ in range(WARMUP + requests):
+            sock.sendall(_REQUEST)
+            received = b""
+            while not received.endswith(apps.BODY):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise RuntimeError("the server closed the connection")
+                received += chunk
+            if not received.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"the server answered {received[:80]!r}")
+
+
+def server(variant: str, requests: int, work: Path) -> float:
+    totals = []
+    for count in (0, requests):
+        out = work / f"server-{variant}-{count}.out"
+        port = free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--lifespan",
+            "off",
+            "--log-level",
+            "warning",
+            "apps:from_env",
+        ]
+        env = {**_env(), "BENCH_VARIANT": variant, "BENCH_APP": "hello"}
+        log = (work / f"server-{variant}-{count}.log").open("wb")
+        proc = subprocess.Popen(_callgrind(argv, out), env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _client(port, count, time.monotonic() + _START_TIMEOUT)
+            proc.send_signal(signal.SIGINT)  # uvicorn exits cleanly; callgrind writes its totals
+            proc.wait(timeout=_START_TIMEOUT)
+        finally:
+            log.close()
+            if proc.poll() is None:
+                proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+        totals.append(_total(out))
+    return (totals[1] - totals[0]) / requests
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def _cells(values: dict[str, float], name: str) -> list[str]:
+    value, bare = values.get(name), values.get("bare")
+    if value is None:
+        return ["", ""]
+    if bare is None or name == "bare":
+        return [f"{value:,.0f}", ""]
+    return [f"{value:,.0f}", f"{value / bare:.3f}x ({value - bare:+,.0f})"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer requests: a smoke run")
+    parser.add_argument("--requests", type=int, help="requests counted per variant (default 1000, quick 200)")
+    parser.add_argument("--no-server", action="store_true", help="skip the uvicorn part")
+    parser.add_argument("--child", nargs=3, metavar=("VARIANT", "N", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        variant, count, mode = args.child
+        asyncio.run(_child(variant, int(count), mode == "iter"))
+        return 0
+    if shutil.which("valgrind") is None:
+        print("instructions.py: valgrind is not on PATH (apt-get install valgrind): nothing measured", file=sys.stderr)
+        return 0
+    requests = args.requests or (200 if args.quick else 1000)
+    names, skipped = apps.available(VARIANTS)
+    report: dict[str, Any] = {"environment": environment(), "quick": args.quick, "skipped": skipped}
+    header = environment_line(report["environment"])
+    print(header, flush=True)
+    began = time.perf_counter()
+    results: dict[str, dict[str, float]] = {"round": {}, "iteration": {}, "server": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:
+        work = Path(tmp)
+        for name in names:
+            results["round"][name] = inprocess(name, requests, False, work)
+            results["iteration"][name] = inprocess(name, requests, True, work)
+            if not args.no_server:
+                results["server"][name] = server(name, requests, work)
+            print(f"  {name}: " + ", ".join(f"{k} {v.get(name, 0):,.0f}" for k, v in results.items()), flush=True)
+    report["requests"] = requests
+    report["instructions_per_request"] = results
+    total = time.perf_counter() - began
+
+    headers = [
+        "variant",
+        "in process, a round per iteration",
+        "vs bare",
+        "in process, an iteration per request",
+        "vs bare",
+        "uvicorn server process",
+        "vs bare",
+    ]
+    rows = [
+        [name, *_cells(results["round"], name), *_cells(results["iteration"], name), *_cells(results["server"], name)]
+        for name in names
+    ]
+    rows += [[name, reason, "", "", "", "", ""] for name, reason in skipped.items()]
+    text, md_table = table(headers, rows)
+    print(text)
+    md = [
+        "# Instructions per request (callgrind)",
+        "",
+        header,
+        "",
+        f"Command: `{command_line('benchmarks/instructions.py')}`",
+        "",
+        f"Starlette hello world; {requests} requests counted per variant after {WARMUP} to warm up; "
+        "PYTHONHASHSEED=0. Budgets (DESIGN.md): in process at most 1.25x bare; over a real server "
+        "at most 5% more cost than bare (instructions are a floor under the wall-clock cost).",
+        "",
+        md_table,
+        "",
+        f"Total time: {total:.1f} s.",
+    ]
+    write_results("instructions", report, md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
