@@ -149,6 +149,52 @@ def cpu_delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else after - before
 
 
+def uvicorn_command(port: int) -> list[str]:
+    """uvicorn (httptools, one worker) serving ``apps:from_env`` on 127.0.0.1:``port``."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(BENCH_DIR),
+        "--factory",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--workers",
+        "1",
+        "--lifespan",
+        "off",
+        "--log-level",
+        "warning",
+        "apps:from_env",
+    ]
+
+
+def http_scope(
+    path: str = "/", headers: Sequence[tuple[bytes, bytes]] = ((b"host", b"127.0.0.1:8000"),)
+) -> dict[str, Any]:
+    """A uvicorn-like HTTP scope for a GET of ``path``, for apps driven in process."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 54321),
+        "scheme": "http",
+        "root_path": "",
+        "headers": list(headers),
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+    }
+
+
 class Server:
     """One uvicorn subprocess serving one variant's app on 127.0.0.1 (``apps.from_env``)."""
 
@@ -162,28 +208,7 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self, port: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--app-dir",
-            str(BENCH_DIR),
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--workers",
-            "1",
-            "--lifespan",
-            "off",
-            "--log-level",
-            "warning",
-            "apps:from_env",
-        ]
+        return uvicorn_command(port)
 
     def start(self, timeout: float = 20.0) -> None:
         env = {

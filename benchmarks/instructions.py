@@ -44,7 +44,17 @@ from pathlib import Path
 from typing import Any
 
 import apps
-from common import BENCH_DIR, ROOT, command_line, environment, environment_line, free_port, table, write_results
+from common import (
+    BENCH_DIR,
+    ROOT,
+    command_line,
+    environment,
+    environment_line,
+    free_port,
+    table,
+    uvicorn_command,
+    write_results,
+)
 
 VARIANTS = ("bare", "observe", "cancel", "fastapi-disconnect", "aiofence")
 WARMUP = 300
@@ -131,24 +141,7 @@ def server(variant: str, requests: int, work: Path) -> float:
     for count in (0, requests):
         out = work / f"server-{variant}-{count}.out"
         port = free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--lifespan",
-            "off",
-            "--log-level",
-            "warning",
-            "apps:from_env",
-        ]
+        argv = uvicorn_command(port)
         env = {**_env(), "BENCH_VARIANT": variant, "BENCH_APP": "hello"}
         log = (work / f"server-{variant}-{count}.log").open("wb")
         proc = subprocess.Popen(_callgrind(argv, out), env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -50,6 +50,7 @@ from common import (
     command_line,
     environment,
     environment_line,
+    http_scope,
     pinned,
     quiet_logs,
     servers,
@@ -70,21 +71,7 @@ Message = MutableMapping[str, Any]
 
 
 def scope_for(path: str) -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 54321),
-        "scheme": "http",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8000")],
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "state": {},
-    }
+    return {**http_scope(path), "state": {}}
 
 
 class Connection:

@@ -98,6 +98,7 @@ from common import (
     cpu_delta,
     environment,
     environment_line,
+    http_scope,
     pinned,
     ratio_cell,
     rotated,
@@ -124,20 +125,7 @@ SERVER_METHODS = {
 }
 BUDGETED = ("observe", "cancel")
 
-SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.3"},
-    "http_version": "1.1",
-    "server": ("127.0.0.1", 8000),
-    "client": ("127.0.0.1", 54321),
-    "scheme": "http",
-    "root_path": "",
-    "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"overhead.py"), (b"accept", b"*/*")],
-    "method": "GET",
-    "path": "/",
-    "raw_path": b"/",
-    "query_string": b"",
-}
+SCOPE = http_scope("/", [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"overhead.py"), (b"accept", b"*/*")])
 REQUEST_MESSAGE: dict[str, Any] = {"type": "http.request", "body": b"", "more_body": False}
 
 
