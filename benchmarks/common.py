@@ -337,6 +337,18 @@ def environment_line(env: dict[str, Any]) -> str:
     )
 
 
+def begin_report(variants: Sequence[str], quick: bool) -> tuple[list[str], dict[str, str], dict[str, Any], str]:
+    """What every benchmark starts with: the variants that can run here, the skipped ones
+    with why, the report's environment, and its header line (printed, with the notes)."""
+    names, skipped = apps.available(variants)
+    report: dict[str, Any] = {"environment": environment(), "quick": quick, "skipped": skipped}
+    header = environment_line(report["environment"])
+    print(header, flush=True)
+    for name, reason in skipped.items():
+        print(f"note: {name} {reason}", flush=True)
+    return names, skipped, report, header
+
+
 def command_line(script: str) -> str:
     """How this script was run, for the results' header."""
     executable = Path(sys.executable)

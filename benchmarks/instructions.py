@@ -41,15 +41,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import apps
 from common import (
     BENCH_DIR,
     ROOT,
+    begin_report,
     command_line,
-    environment,
-    environment_line,
     free_port,
     table,
     uvicorn_command,
@@ -186,10 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("instructions.py: valgrind is not on PATH (apt-get install valgrind): nothing measured", file=sys.stderr)
         return 0
     requests = args.requests or (200 if args.quick else 1000)
-    names, skipped = apps.available(VARIANTS)
-    report: dict[str, Any] = {"environment": environment(), "quick": args.quick, "skipped": skipped}
-    header = environment_line(report["environment"])
-    print(header, flush=True)
+    names, skipped, report, header = begin_report(VARIANTS, args.quick)
     began = time.perf_counter()
     results: dict[str, dict[str, float]] = {"round": {}, "iteration": {}, "server": {}}
     with tempfile.TemporaryDirectory(prefix="bench-callgrind-") as tmp:

@@ -56,7 +56,7 @@ from typing import Any
 import anyio
 import apps
 import uvicorn
-from common import command_line, environment, environment_line, quantile, quiet_logs, table, write_results
+from common import begin_report, command_line, quantile, quiet_logs, table, write_results
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -426,12 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     never_requests = 2 if args.quick else 3
     quiet_logs()
 
-    names, skipped = apps.available(VARIANTS)
-    report: dict[str, Any] = {"environment": environment(), "quick": args.quick, "skipped": skipped}
-    header = environment_line(report["environment"])
-    print(header)
-    for name, reason in skipped.items():
-        print(f"note: {name} {reason}", flush=True)
+    names, skipped, report, header = begin_report(VARIANTS, args.quick)
 
     notes: list[str] = []
     original = os.sched_getaffinity(0)

@@ -47,9 +47,8 @@ from typing import Any
 
 import apps
 from common import (
+    begin_report,
     command_line,
-    environment,
-    environment_line,
     http_scope,
     pinned,
     quiet_logs,
@@ -336,12 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(child(args.child, inflight_requests, requests, warmup, batch=200)))
         return 0
 
-    names, skipped = apps.available(VARIANTS)
-    report: dict[str, Any] = {"environment": environment(), "quick": args.quick, "skipped": skipped}
-    header = environment_line(report["environment"])
-    print(header)
-    for name, reason in skipped.items():
-        print(f"note: {name} {reason}", flush=True)
+    names, skipped, report, header = begin_report(VARIANTS, args.quick)
     began = time.perf_counter()
     print(f"\nA and B. In process, one subprocess per variant: {inflight_requests} parked, {requests} aborted")
     in_process = run_children(names, inflight_requests, requests, warmup)

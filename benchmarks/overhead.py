@@ -94,10 +94,9 @@ from typing import Any
 import apps
 from common import (
     Series,
+    begin_report,
     command_line,
     cpu_delta,
-    environment,
-    environment_line,
     http_scope,
     pinned,
     ratio_cell,
@@ -592,17 +591,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sv_modes = ("concurrent", "alternate") if args.server_method == "both" else (args.server_method,)
     sv_duration = args.duration or (1.0 if q else 2.0)
     sv_warmup = 0.5 if q else 1.0
-    names, skipped = apps.available(VARIANTS)
-
+    names, skipped, report, header = begin_report(VARIANTS, q)
     began = time.perf_counter()
-    report: dict[str, Any] = {"environment": environment(), "quick": q, "skipped": skipped}
     report["budgets"] = {"in_process_ratio_max": INPROCESS_BUDGET, "server_throughput_loss_max": SERVER_BUDGET_LOSS}
-    header = environment_line(report["environment"])
-    print(header)
     md: list[str] = ["# Overhead: DisconnectMiddleware and its peers", "", header, ""]
     md += [f"Command: `{command_line('benchmarks/overhead.py')}`", ""]
-    for name, reason in skipped.items():
-        print(f"note: {name} {reason}", flush=True)
 
     if not args.no_inprocess:
         for key, yield_each, title in (

@@ -39,10 +39,9 @@ from typing import Any
 import apps
 from common import (
     Series,
+    begin_report,
     command_line,
     cpu_delta,
-    environment,
-    environment_line,
     pinned,
     ratio_cell,
     rotated,
@@ -238,12 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     duration = args.duration or (0.5 if args.quick else 1.5)
 
-    names, skipped = apps.available(VARIANTS)
-    report: dict[str, Any] = {"environment": environment(), "quick": args.quick, "skipped": skipped}
-    header = environment_line(report["environment"])
-    print(header)
-    for name, reason in skipped.items():
-        print(f"note: {name} {reason}", flush=True)
+    names, skipped, report, header = begin_report(VARIANTS, args.quick)
     began = time.perf_counter()
     results, notes = run(names, tuple(METHODS), rounds, duration, not args.no_pin)
     total = time.perf_counter() - began

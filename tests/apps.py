@@ -14,21 +14,12 @@ from __future__ import annotations
 import anyio
 
 from asgi_disconnect import DisconnectMiddleware
+from asgi_disconnect._doctor import _lifespan  # the doctor's probe app answers lifespan the same way
 from asgi_disconnect._types import Receive, Scope, Send
 
 STREAM_CHUNKS = 250
 SLOW_SECONDS = 0.3
 SLOW_STARTED = "slow handler started"
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    for _ in range(2):  # startup, then shutdown
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 async def bare_app(scope: Scope, receive: Receive, send: Send) -> None:
