@@ -443,7 +443,7 @@ async def _storm_client(
             try:
                 status = await asyncio.wait_for(reader.readline(), timing.storm_timeout)
                 await asyncio.wait_for(reader.read(), timing.storm_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 writer.close()  # the client gives up, closes and retries at once
                 with rec.abandoned_lock:
                     rec.abandoned[request_id] = time.monotonic()

@@ -2,12 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import sys
 import time
 import types
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
-from types import CoroutineType
+from types import CodeType, CoroutineType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -22,9 +21,6 @@ from ._types import ASGIApp, Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from ._stream import _GuardedStream
 
-if sys.version_info < (3, 11):  # pragma: no cover - exercised on 3.10 only
-    from exceptiongroup import BaseExceptionGroup
-
 SCOPE_KEY = "asgi_disconnect"
 
 #: ``on_disconnect(scope, state)``: a sync or async callable run once per aborted request.
@@ -33,6 +29,11 @@ DisconnectHook = Callable[[Scope, DisconnectState], "Awaitable[None] | None"]
 logger = structlog.get_logger("asgi_disconnect")
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
+#: Methods whose requests carry no body by convention (RFC 9110, 9.3).
+_BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+#: How long after an app read its whole body itself a cancellation waits for it to listen
+#: (Django and Quart wait in receive() for the disconnect and stop their views themselves).
+LISTEN_WINDOW = 0.1
 _INSTALL_HINT = (
     "install DisconnectMiddleware in front of your app: `app = DisconnectMiddleware(app)`, "
     "`app.add_middleware(DisconnectMiddleware)` (Starlette, FastAPI) or "
@@ -55,48 +56,75 @@ def disconnect_state(scope: Mapping[str, Any]) -> DisconnectState:
         ) from None
 
 
-def _is_disconnect_error(exc: BaseException, cancelled_ok: bool = False) -> bool:
-    """True for the errors a client that left produces, however a framework wraps them."""
-    if cancelled_ok and isinstance(exc, asyncio.CancelledError):
-        return True
-    seen = 0
-    current: BaseException | None = exc
-    # Litestar and others re-raise as their own error: follow the chain, a bounded walk.
-    while current is not None and seen < 16:
-        if isinstance(current, BaseExceptionGroup):
-            # e.g. LitestarException from ExceptionGroup([ClientDisconnected]) of a task group
-            return all(_is_disconnect_error(e, cancelled_ok) for e in current.exceptions)
-        if isinstance(current, OSError):
-            return True
-        if any(
-            cls.__name__ == "ClientDisconnect" and cls.__module__ == "starlette.requests"
-            for cls in type(current).__mro__
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return False
+#: How many exceptions one walk of a chain or group examines at most: frameworks wrap a
+#: few levels deep, and a chain can loop (``raise eg.exceptions[0]`` inside ``except*``).
+_WALK_LIMIT = 64
 
 
-def _raised_by(exc: BaseException, func: Any) -> bool:
-    """True if ``exc``, or an error in its chain, passed through ``func``'s frame."""
+def _code_of(func: Any) -> CodeType | None:
+    """The code object a server callable runs, to find its frames in a traceback."""
     code = getattr(getattr(func, "__func__", func), "__code__", None)
-    if code is None:
-        return False  # a callable object or C function: its errors cannot be told apart
-    pending: list[BaseException] = [exc]
-    seen = 0
-    while pending and seen < 32:
-        current = pending.pop()
-        seen += 1
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        tb = current.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code is code:
-                return True
-            tb = tb.tb_next
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    if code is None:  # a callable object: its __call__ method
+        code = getattr(getattr(type(func), "__call__", None), "__code__", None)  # noqa: B004 - not a callable() test
+    return code if isinstance(code, CodeType) else None
+
+
+def _raised_in(exc: BaseException, codes: tuple[CodeType, ...]) -> bool:
+    """Was ``exc`` raised inside one of ``codes`` (its own traceback, not its chain)?"""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in codes:
+            return True
+        tb = tb.tb_next
     return False
+
+
+def _is_starlette_disconnect(exc: BaseException) -> bool:
+    # By name, so that Starlette is never imported: it raises this when receive() says
+    # http.disconnect.
+    return any(
+        cls.__name__ == "ClientDisconnect" and cls.__module__ == "starlette.requests" for cls in type(exc).__mro__
+    )
+
+
+def _caused_by_departure(
+    exc: BaseException, server: tuple[CodeType, ...], *, ours_cancelled: bool, server_only: bool
+) -> bool:
+    """True if ``exc`` is what a client's departure causes, however a framework wrapped it.
+
+    The causes: an ``OSError`` raised inside the server's own ``send``/``receive``
+    (``server`` holds their code objects) and, unless ``server_only``, our
+    ``ClientDisconnected``, Starlette's ``ClientDisconnect`` and, if ``ours_cancelled``,
+    the middleware's own cancellation. An ``Exception`` that is none of these is followed
+    through ``__cause__``/``__context__`` (a framework's wrapper); any other ``OSError``
+    or ``BaseException`` is the app's own. An exception group is caused by the departure
+    when every member is. The walk is bounded and stops at a loop.
+    """
+    budget = _WALK_LIMIT
+
+    def walk(current: BaseException | None, path: frozenset[int]) -> bool:
+        nonlocal budget
+        while current is not None:
+            budget -= 1
+            if budget < 0 or id(current) in path:
+                return False
+            path = path | {id(current)}
+            if isinstance(current, BaseExceptionGroup):
+                return bool(current.exceptions) and all(walk(member, path) for member in current.exceptions)
+            if isinstance(current, OSError):
+                if _raised_in(current, server):
+                    return True
+                return not server_only and isinstance(current, ClientDisconnected)
+            if isinstance(current, asyncio.CancelledError):
+                return ours_cancelled and not server_only
+            if not isinstance(current, Exception):
+                return False  # KeyboardInterrupt, SystemExit, GeneratorExit, trio.Cancelled
+            if not server_only and _is_starlette_disconnect(current):
+                return True
+            current = current.__cause__ or current.__context__
+        return False
+
+    return walk(exc, frozenset())
 
 
 async def _as_coroutine(awaitable: Awaitable[None]) -> None:
@@ -156,6 +184,7 @@ class _Cycle(DisconnectState):
         "_send",
         "_slow",  # anything beyond the plain request: a watcher, an abort, a stream
         "_started",  # the http.response.start message, once sent
+        "_last_sent",  # the message last handed to the server's send(): undone if that raised
         "_trailers",  # the response announced trailers
         "_complete",  # the app sent its final message: a later disconnect is a normal close
         "_stopped",  # the app returned: the watcher must not start
@@ -175,10 +204,12 @@ class _Cycle(DisconnectState):
     _canceller: NativeCanceller | None = None  # asyncio: delivers the cancellation
     _streams: list[_GuardedStream[Any]] | None = None  # guard_stream bodies, closed if abandoned
     _read_ahead_ok: bool | None = None  # from the request headers, on a watcher's first need
+    _body_read_at: float | None = None  # when the app itself received the end of the body
     # Set only where they are used: _warn_handle (when a cancellation begins), _tg and
     # _app_scope (trio).
     _warn_handle: asyncio.TimerHandle
     _tg: anyio.abc.TaskGroup
+    _helpers: list[anyio.CancelScope] | None = None  # what _spawn() started
     _app_scope: anyio.CancelScope
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send, task: Any) -> None:
@@ -194,6 +225,7 @@ class _Cycle(DisconnectState):
         self._send = send
         self._slow = False
         self._started: Message | None = None
+        self._last_sent: Message | None = None
         self._trailers = False
         self._complete = False
         self._stopped = False
@@ -203,27 +235,32 @@ class _Cycle(DisconnectState):
     async def _app_receive(self) -> Message:
         self._app_read = True
         while True:
-            if self.disconnected or (self._closed and not self._buffer):
-                # A truncated body is of no use: the disconnect wins over unread chunks.
-                self._app_told = True
-                return _DISCONNECT
             if self._buffer:
+                # Read ahead by the watcher: handed over in order, whatever its type.
                 message = self._buffer.popleft()
                 self._buffered -= len(message.get("body", b""))
                 self._notify()
-                return message
+                break
+            if self.disconnected or self._closed:
+                message = _DISCONNECT  # at once: nothing more will come
+                break
             if self._error is not None:
-                raise self._error  # the server's receive() failed in the watcher
+                error, self._error = self._error, None
+                raise error  # the server's receive() failed in the watcher
             self._app_waiting += 1
             try:
                 if not self._reading:
                     message = await self._read()
-                    if message["type"] == "http.disconnect":
-                        self._app_told = True
-                    return message
+                    break
                 await self._wait_tick()
             finally:
                 self._app_waiting -= 1
+        kind = message["type"]
+        if kind == "http.disconnect":
+            self._app_told = True
+        elif kind == "http.request" and not message.get("more_body", False):
+            self._body_read_at = time.monotonic()
+        return message
 
     async def _read(self) -> Message:
         self._reading = True
@@ -261,16 +298,24 @@ class _Cycle(DisconnectState):
         return self._read_ahead_ok and (self._buffered < self._mw.max_read_ahead or not self._buffer)
 
     def _may_read_ahead(self) -> bool:
-        has_body = self._scope.get("http_version", "1.1") not in ("1.0", "1.1")  # h2/h3: unknown
+        """May the watcher read a body the app has not asked for? Decided from the headers.
+
+        Only when all of it fits in ``max_read_ahead``: a server hands over what it has
+        buffered in one message, so a body of unknown or larger size is left unread.
+        """
+        length: bytes | None = None
         for name, value in self._scope.get("headers", ()):
             if name == b"expect" and value.lower() == b"100-continue":
                 return False  # a read would make the server send 100 Continue for the app
             if name == b"content-length":
-                has_body = value.strip() != b"0"
+                length = value.strip()
             elif name == b"transfer-encoding":
-                has_body = True
-        # A bodiless request's one empty message costs nothing to hold, whatever the limit.
-        return self._mw.max_read_ahead > 0 or not has_body
+                return False  # chunked: of unknown size
+        if length is not None:
+            return length.isdigit() and int(length) <= self._mw.max_read_ahead
+        # No framing header: HTTP/1 has no body then. HTTP/2 and 3 send none for a bodiless
+        # request either, and may stream a body without one: trust the method.
+        return self._scope.get("http_version", "1.1") in ("1.0", "1.1") or self._scope.get("method") in _BODILESS
 
     async def _watch(self) -> None:
         """Read the channel while the app runs, until the disconnect or the response ends."""
@@ -283,17 +328,30 @@ class _Cycle(DisconnectState):
             except Exception as exc:
                 self._error = exc  # the app gets it from its next receive(), as without us
                 return
-            if message["type"] == "http.request":
+            if message["type"] != "http.disconnect":
+                # Kept for the app, whatever its type: every message reaches it, in order.
                 if self._buffer is None:
                     self._buffer = deque()
                 self._buffer.append(message)
                 self._buffered += len(message.get("body", b""))
 
-    async def _watch_in_scope(self) -> None:
-        self._slow = True
-        with anyio.CancelScope() as scope:
-            self._watcher = scope
-            await self._watch()
+    def _spawn(self, func: Callable[..., Awaitable[None]], *args: Any) -> anyio.CancelScope:
+        """Run ``func`` beside the app (the anyio path) until ``_finish()`` or its scope stops it.
+
+        Shielded: an outer cancellation is the app's to receive. Reaching a helper, it
+        would escape the task group in place of what the app itself raised or returned.
+        """
+        scope = anyio.CancelScope(shield=True)
+        if self._helpers is None:
+            self._helpers = []
+        self._helpers.append(scope)
+
+        async def run() -> None:
+            with scope:
+                await func(*args)
+
+        self._tg.start_soon(run)
+        return scope
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         self._slow = True
@@ -306,6 +364,11 @@ class _Cycle(DisconnectState):
         # ours per message, which is most of what a wrapper costs a streaming response.
         # A server's OSError therefore reaches the app as it is; __call__ recognises it.
         if self.disconnected:
+            if self._app_told or self._app_waiting:
+                # The app hears of the departure through receive() and handles it itself
+                # (Django, Quart, Starlette's streams): its sends meet the server as they
+                # would without the middleware.
+                return self._send(message)
             if self._streams:
                 return self._close_streams(raise_after=True)
             raise self._gone()
@@ -324,6 +387,7 @@ class _Cycle(DisconnectState):
                 or (kind == "http.response.trailers" and not message.get("more_trailers", False))
                 or (kind == "http.response.zerocopysend" and not message.get("more_body", False))
             )
+        self._last_sent = message
         if ends:
             # Complete before the server's send returns: a server that sees the client
             # close while flushing the last bytes must not turn it into an abort. And
@@ -345,6 +409,18 @@ class _Cycle(DisconnectState):
             self._complete = False
             self._disconnected("stalled")
             raise ClientDisconnected(f"client stalled: one send blocked more than {self._mw.send_timeout} s")
+
+    def _unsend(self) -> None:
+        """The server's send() raised: the message it was given was not delivered."""
+        message, self._last_sent = self._last_sent, None
+        self._complete = False
+        if message is None:
+            return
+        kind = message["type"]
+        if kind == "http.response.start":
+            self._started = None
+        elif kind == "http.response.body":
+            self.bytes_sent -= len(message.get("body", b""))
 
     def _register_stream(self, stream: _GuardedStream[Any]) -> None:
         self._slow = True
@@ -386,12 +462,26 @@ class _Cycle(DisconnectState):
         self._slow = True
         self._mark(phase, time.monotonic())
         if self.cancel:  # the policy as it stands at the moment of the disconnect
+            delay = self._cancel_delay()
             if self._task is not None:
-                self._cancel_handle = self._task.get_loop().call_later(self._mw.grace, self._begin_cancel)
+                self._cancel_handle = self._task.get_loop().call_later(delay, self._begin_cancel)
             else:
-                self._tg.start_soon(self._cancel_after_grace)
+                self._spawn(self._cancel_after, delay)
 
     # -- cancellation ------------------------------------------------------------
+
+    def _cancel_delay(self) -> float:
+        """The grace period, or longer for an app that may be about to listen itself.
+
+        An app that read its whole body through receive() hears the disconnect from its
+        next receive(); frameworks that listen (Django) make that call right after
+        building the request. A cancellation in between would kill them outside their
+        own lifecycle, so it waits until ``LISTEN_WINDOW`` after the end of the body.
+        """
+        grace = self._mw.grace
+        if self._body_read_at is None or self._started is not None:
+            return grace  # it never read its body, or it is answering: not about to listen
+        return max(grace, self._body_read_at + LISTEN_WINDOW - time.monotonic())
 
     def _should_cancel(self) -> bool:
         # An app that was told through the protocol (it received http.disconnect, or is
@@ -403,17 +493,19 @@ class _Cycle(DisconnectState):
         self._cancel_handle = None
         if self._should_cancel():
             assert self._task is not None
-            self.cancelled = True
             self._warn_handle = self._task.get_loop().call_later(self._mw.cancel_warn_after, self._warn_stuck)
             # Level-triggered like anyio's own cancel scopes: the handler is cancelled at
             # every await until it returns, except inside a shielded anyio scope
             # (shield(), thread pool calls), where it waits for the scope to end.
-            self._canceller = NativeCanceller(self._task)
+            self._canceller = NativeCanceller(self._task, wanted=self._should_cancel, on_cancel=self._cancelled)
             self._canceller.start()
 
-    async def _cancel_after_grace(self) -> None:
-        # trio (any non-asyncio loop): an anyio cancel scope around the app does it all.
-        await anyio.sleep(self._mw.grace)
+    def _cancelled(self) -> None:
+        self.cancelled = True
+
+    async def _cancel_after(self, delay: float) -> None:
+        # trio, or the public anyio path: an anyio cancel scope around the app does it all.
+        await anyio.sleep(delay)
         if self._should_cancel():
             self.cancelled = True
             self._app_scope.cancel()
@@ -438,6 +530,9 @@ class _Cycle(DisconnectState):
         self._stopped = True
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._helpers is not None:
+            for helper in self._helpers:
+                helper.cancel()
         if self._cancel_handle is not None:
             self._cancel_handle.cancel()
         if self._canceller is not None:
@@ -510,8 +605,8 @@ class DisconnectMiddleware:
         app_scope[SCOPE_KEY] = cycle
         send_wrapper = cycle._app_send if self.send_timeout is None else cycle._app_send_timed
         if loop is None or task is None:
-            # trio, or a coroutine driven by hand outside any asyncio task
-            await self._call_in_task_group(cycle, app_scope, send_wrapper)
+            # trio, the public anyio path, or a coroutine driven by hand outside a task
+            error = await self._call_in_task_group(cycle, app_scope, send_wrapper)
         else:
             # A task per request costs more than this middleware's whole budget, so the
             # app's first step runs here, by hand: an app that answers without suspending
@@ -519,6 +614,7 @@ class DisconnectMiddleware:
             # One that suspends joins the requests whose watchers start from one callback
             # in the next loop iteration. (A periodic timer instead costs more: it wakes
             # a busy server 1000 times/s.)
+            error = None
             try:
                 app = self.app(app_scope, cycle._app_receive, send_wrapper)
                 if type(app) is not CoroutineType:
@@ -534,8 +630,10 @@ class DisconnectMiddleware:
                     batch.append(cycle)
                     await _resume(app, suspended)
             except BaseException as exc:
+                if isinstance(exc, GeneratorExit):
+                    raise  # the coroutine is being closed: it must not await again
                 if not self._absorbs(cycle, exc):
-                    raise
+                    error = exc
             finally:
                 cycle._stopped = True
                 if cycle._slow:
@@ -547,20 +645,29 @@ class DisconnectMiddleware:
                 await cycle._close_streams()
             if cycle.disconnected:
                 await self._report(scope, cycle)
+        if error is not None:
+            try:
+                raise error  # the app's own: the same object, after the abort was reported
+            finally:
+                del error
 
     @staticmethod
     def _absorbs(cycle: _Cycle, exc: BaseException) -> bool:
+        """Is ``exc``, escaping the app, what the client's departure caused (and only that)?"""
+        server = tuple(code for code in map(_code_of, (cycle._send, cycle._receive)) if code is not None)
         if not cycle.disconnected:
-            if not (_is_disconnect_error(exc) and _raised_by(exc, cycle._send)):
+            # Only the server can know first: one that raises from send() or receive()
+            # (ASGI 2.4) told the app, not us.
+            if not _caused_by_departure(exc, server, ours_cancelled=False, server_only=True):
                 return False
-            # A server that raises from send() (ASGI 2.4) told the app, not us.
-            cycle._complete = False
+            cycle._unsend()
             cycle._disconnected()
-        if cycle._canceller is None or not cycle._canceller.count:
-            return _is_disconnect_error(exc)
-        # Our own cancellation escaping the app is absorbed, unless someone else asked
-        # for a cancellation too (the server shutting down): that one must propagate.
-        return not cycle._canceller.external() and _is_disconnect_error(exc, cancelled_ok=True)
+            return True
+        canceller = cycle._canceller
+        if canceller is not None and canceller.count and canceller.external():
+            return False  # someone else cancelled too (the server shutting down): it must propagate
+        ours = canceller is not None and canceller.count > 0
+        return _caused_by_departure(exc, server, ours_cancelled=ours, server_only=False)
 
     def _new_batch(self, loop: asyncio.AbstractEventLoop) -> list[_Cycle]:
         for stale in [other for other in self._batches if other.is_closed()]:
@@ -575,27 +682,27 @@ class DisconnectMiddleware:
             if not cycle._stopped:
                 cycle._start_watcher(loop)
 
-    async def _call_in_task_group(self, cycle: _Cycle, app_scope: Scope, send: Send) -> None:
+    async def _call_in_task_group(self, cycle: _Cycle, app_scope: Scope, send: Send) -> BaseException | None:
+        """Run the app; return what escaped it and is not absorbed."""
         # Other event loops (trio): structured concurrency the plain way, with the app
         # in a cancel scope of its own.
-        error: Exception | None = None
+        error: BaseException | None = None
         async with anyio.create_task_group() as tg:
             cycle._tg = tg
-            tg.start_soon(cycle._watch_in_scope)
+            cycle._slow = True
+            cycle._watcher = cycle._spawn(cycle._watch)
             try:
                 with anyio.CancelScope() as cycle._app_scope:
                     await self.app(app_scope, cycle._app_receive, send)
-            except Exception as exc:
-                # Raised outside the task group, so it is not wrapped in an ExceptionGroup.
+            except BaseException as exc:
+                # Raised again outside the task group: never wrapped in an exception group.
                 error = exc
             finally:
                 cycle._finish()
                 tg.cancel_scope.cancel()  # the watcher and the grace timer, nothing else is left
         if error is not None and not self._absorbs(cycle, error):
-            try:
-                raise error
-            finally:
-                del error
+            return error
+        return None
 
     async def _report(self, scope: Scope, state: DisconnectState) -> None:
         detected = state.detected_at if state.detected_at is not None else time.monotonic()

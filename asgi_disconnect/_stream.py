@@ -170,15 +170,9 @@ class _GuardedStream(Generic[T]):
         if task is not None:
             self._beats = task.get_loop().create_task(self._heartbeats())
             return
-        spawn = getattr(self._state, "_tg", None)
+        spawn = getattr(self._state, "_spawn", None)
         if spawn is not None:
-            scope = self._beats = anyio.CancelScope()
-
-            async def run() -> None:
-                with scope:
-                    await self._heartbeats()
-
-            spawn.start_soon(run)
+            self._beats = spawn(self._heartbeats)
 
     async def _heartbeats(self) -> None:
         send_frame = getattr(self._state, "_send_heartbeat", None)

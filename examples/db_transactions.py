@@ -156,9 +156,9 @@ async def abandon_orders(port: int) -> None:
     await asyncio.wait_for(asyncio.gather(*(client(*plan) for plan in plans)), timeout=30)
 
 
-async def wait_for_handlers(stats: Stats, timeout: float = 5.0, quiet: float = 0.2) -> None:
+async def wait_for_handlers(stats: Stats, within: float = 5.0, quiet: float = 0.2) -> None:
     """Until no handler runs and none started or ended for ``quiet`` seconds (bounded)."""
-    for _ in range(int(timeout / 0.01)):
+    for _ in range(int(within / 0.01)):
         if not stats.running and time.monotonic() - stats.last_change >= quiet:
             return
         await asyncio.sleep(0.01)

@@ -354,6 +354,7 @@ async def test_an_outside_cancellation_still_propagates() -> None:
         await task
 
 
+@pytest.mark.fast_path
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_anyio_shield_detection_reads_anyio_internals() -> None:
     """anyio_shielded() sees shielded scopes, also below unshielded ones (guards anyio upgrades)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -25,9 +24,6 @@ from asgi_disconnect import (
 )
 from asgi_disconnect._types import ASGIApp, Message, Receive, Scope, Send
 from tests.peer import Peer, http_scope
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import ExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -747,6 +743,7 @@ async def test_a_cancellation_at_the_apps_first_await_reaches_the_app() -> None:
     assert peer.sent == []
 
 
+@pytest.mark.fast_path
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_the_app_gets_what_the_driver_sends_and_is_closed_with_the_middleware() -> None:
     """Driven by hand inside a task, the app receives exactly the values its driver sends,
@@ -777,6 +774,7 @@ async def test_the_app_gets_what_the_driver_sends_and_is_closed_with_the_middlew
     assert closing == ["finally"]
 
 
+@pytest.mark.fast_path
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_app_that_ends_on_what_its_driver_sends_or_throws_ends_the_middleware() -> None:
     """The app's last step may be a sent value or a thrown error it handles: either way the
