@@ -1,8 +1,9 @@
 """Cancellation helpers: ``shield()``, and the asyncio fast path's native cancellation.
 
 The fast path reads private fields of anyio (its per-task cancel-scope stack) and of
-asyncio (``Task._fut_waiter``, ``Task._must_cancel``, the current-task table). Whether
-they are what it expects is decided once, at import, by ``_probe()``: if any is missing,
+asyncio (``Task._fut_waiter``, ``Task._must_cancel``, the current-task table, future
+callbacks). Whether the first are what it expects is decided once, at import, by
+``_probe()``; ``waits_on_thread()`` reads anything unexpected as "no". If any is missing,
 ``FAST`` is false and the middleware and ``guard_stream`` take the public anyio path
 (an anyio task group and cancel scope per request), slower and equally correct.
 """

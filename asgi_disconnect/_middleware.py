@@ -29,6 +29,9 @@ DisconnectHook = Callable[[Scope, DisconnectState], "Awaitable[None] | None"]
 logger = structlog.get_logger("asgi_disconnect")
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
+#: ASGI HTTP spec versions before "send() raises on a closed connection" (2.4).
+_DROPPING_SPECS = frozenset({"2.0", "2.1", "2.2", "2.3"})
+_NO_ASGI: Mapping[str, str] = {}
 #: Methods whose requests carry no body by convention (RFC 9110, 9.3).
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 #: How long after an app read its whole body itself a cancellation waits for it to listen
@@ -184,7 +187,6 @@ class _Cycle(DisconnectState):
         "_send",
         "_slow",  # anything beyond the plain request: a watcher, an abort, a stream
         "_started",  # the http.response.start message, once sent
-        "_last_sent",  # the message last handed to the server's send(): undone if that raised
         "_trailers",  # the response announced trailers
         "_complete",  # the app sent its final message: a later disconnect is a normal close
         "_stopped",  # the app returned: the watcher must not start
@@ -210,6 +212,8 @@ class _Cycle(DisconnectState):
     _warn_handle: asyncio.TimerHandle
     _tg: anyio.abc.TaskGroup
     _helpers: list[anyio.CancelScope] | None = None  # what _spawn() started
+    _running = 0  # helpers not yet ended
+    _idle: anyio.Event | None = None  # set when the last helper ends
     _app_scope: anyio.CancelScope
 
     def __init__(self, mw: DisconnectMiddleware, scope: Scope, receive: Receive, send: Send, task: Any) -> None:
@@ -225,7 +229,6 @@ class _Cycle(DisconnectState):
         self._send = send
         self._slow = False
         self._started: Message | None = None
-        self._last_sent: Message | None = None
         self._trailers = False
         self._complete = False
         self._stopped = False
@@ -258,8 +261,8 @@ class _Cycle(DisconnectState):
         kind = message["type"]
         if kind == "http.disconnect":
             self._app_told = True
-        elif kind == "http.request" and not message.get("more_body", False):
-            self._body_read_at = time.monotonic()
+        elif self.cancel and kind == "http.request" and not message.get("more_body", False):
+            self._body_read_at = time.monotonic()  # see _cancel_delay()
         return message
 
     async def _read(self) -> Message:
@@ -295,7 +298,7 @@ class _Cycle(DisconnectState):
             return False  # the app is consuming the body: it alone decides how much is read
         if self._read_ahead_ok is None:
             self._read_ahead_ok = self._may_read_ahead()
-        return self._read_ahead_ok and (self._buffered < self._mw.max_read_ahead or not self._buffer)
+        return self._read_ahead_ok and (self._buffered < self._mw.max_read_ahead or not self._buffered)
 
     def _may_read_ahead(self) -> bool:
         """May the watcher read a body the app has not asked for? Decided from the headers.
@@ -345,13 +348,24 @@ class _Cycle(DisconnectState):
         if self._helpers is None:
             self._helpers = []
         self._helpers.append(scope)
+        self._running += 1
 
         async def run() -> None:
-            with scope:
-                await func(*args)
+            try:
+                with scope:
+                    await func(*args)
+            finally:
+                self._running -= 1
+                if not self._running and self._idle is not None:
+                    self._idle.set()
 
         self._tg.start_soon(run)
         return scope
+
+    async def _join_helpers(self) -> None:
+        while self._running:
+            self._idle = anyio.Event()
+            await self._idle.wait()
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         self._slow = True
@@ -387,7 +401,6 @@ class _Cycle(DisconnectState):
                 or (kind == "http.response.trailers" and not message.get("more_trailers", False))
                 or (kind == "http.response.zerocopysend" and not message.get("more_body", False))
             )
-        self._last_sent = message
         if ends:
             # Complete before the server's send returns: a server that sees the client
             # close while flushing the last bytes must not turn it into an abort. And
@@ -397,8 +410,21 @@ class _Cycle(DisconnectState):
                 self._watcher.cancel()
         return self._send(message)
 
+    async def _app_send_checked(self, message: Message) -> None:
+        """``_app_send`` for a server that may raise (ASGI 2.4): a refused send is recorded."""
+        disconnected = self.disconnected
+        try:
+            await self._app_send(message)
+        except OSError:
+            if not disconnected and not self.disconnected:
+                # Only the server's send() can have raised: the client is gone, and the
+                # message was not delivered, even if the app goes on.
+                self._unsend(message)
+                self._disconnected()
+            raise
+
     def _app_send_timed(self, message: Message) -> Awaitable[None]:
-        return self._within_send_timeout(self._app_send(message))
+        return self._within_send_timeout(self._app_send_checked(message))
 
     async def _within_send_timeout(self, sending: Awaitable[None]) -> None:
         assert self._mw.send_timeout is not None
@@ -410,9 +436,8 @@ class _Cycle(DisconnectState):
             self._disconnected("stalled")
             raise ClientDisconnected(f"client stalled: one send blocked more than {self._mw.send_timeout} s")
 
-    def _unsend(self) -> None:
-        """The server's send() raised: the message it was given was not delivered."""
-        message, self._last_sent = self._last_sent, None
+    def _unsend(self, message: Message | None) -> None:
+        """The server's send() raised: ``message`` (None: unknown) was not delivered."""
         self._complete = False
         if message is None:
             return
@@ -603,7 +628,12 @@ class DisconnectMiddleware:
         cycle = _Cycle(self, scope, receive, send, task)
         app_scope = scope.copy()  # an ASGI scope is a dict: its keys table is cloned, not rebuilt
         app_scope[SCOPE_KEY] = cycle
-        send_wrapper = cycle._app_send if self.send_timeout is None else cycle._app_send_timed
+        if self.send_timeout is not None:
+            send_wrapper = cycle._app_send_timed
+        elif scope.get("asgi", _NO_ASGI).get("spec_version", "2.0") in _DROPPING_SPECS:
+            send_wrapper = cycle._app_send  # a server that drops, never raises: no frame of ours per send
+        else:
+            send_wrapper = cycle._app_send_checked
         if loop is None or task is None:
             # trio, the public anyio path, or a coroutine driven by hand outside a task
             error = await self._call_in_task_group(cycle, app_scope, send_wrapper)
@@ -660,7 +690,7 @@ class DisconnectMiddleware:
             # (ASGI 2.4) told the app, not us.
             if not _caused_by_departure(exc, server, ours_cancelled=False, server_only=True):
                 return False
-            cycle._unsend()
+            cycle._unsend(None)  # a server that said it never raises (ASGI 2.3 or older)
             cycle._disconnected()
             return True
         canceller = cycle._canceller
@@ -699,7 +729,10 @@ class DisconnectMiddleware:
                 error = exc
             finally:
                 cycle._finish()
-                tg.cancel_scope.cancel()  # the watcher and the grace timer, nothing else is left
+                # Every helper ends before the task group does: with none left, leaving it
+                # waits for nothing, so an outer cancellation cannot replace the app's outcome.
+                with anyio.CancelScope(shield=True):
+                    await cycle._join_helpers()
         if error is not None and not self._absorbs(cycle, error):
             return error
         return None

@@ -17,7 +17,7 @@ import anyio._backends._asyncio as real
 assert "asgi_disconnect" not in sys.modules, "load this plugin before asgi_disconnect is imported"
 renamed = types.ModuleType(real.__name__)
 renamed.__dict__.update({name: value for name, value in vars(real).items() if name != "_task_states"})
-anyio._backends._asyncio = renamed  # type: ignore[attr-defined]
+anyio._backends._asyncio = renamed
 
 import asgi_disconnect._cancel  # noqa: E402 - after the internals are hidden
 

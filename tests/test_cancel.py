@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -368,3 +369,37 @@ async def test_anyio_shield_detection_reads_anyio_internals() -> None:
             with anyio.CancelScope():  # noqa: ASYNC100
                 assert anyio_shielded(task) is True
         assert anyio_shielded(task) is False
+
+
+@pytest.mark.fast_path
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("how", ["direct", "shield", "gather"])
+async def test_a_wait_for_a_worker_thread_is_not_cancelled(how: str) -> None:
+    """The cancellation waits while the handler waits for a thread (it cannot stop one), then lands."""
+    peer = Peer()
+    events: list[object] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+
+        def blocking() -> str:
+            loop.call_soon_threadsafe(peer.disconnect)
+            time.sleep(0.1)
+            return "thread done"
+
+        work: Any = loop.run_in_executor(None, blocking)
+        if how == "shield":
+            work = asyncio.shield(work)  # asgiref's sync_to_async (Django)
+        elif how == "gather":
+            work = asyncio.gather(work)  # Django's Signal.asend
+        events.append(await work)
+        try:
+            await anyio.sleep(5)
+        except asyncio.CancelledError:
+            events.append("cancelled at the next await")
+            raise
+
+    with anyio.fail_after(3):
+        await DisconnectMiddleware(app, cancel=True)(http_scope(), peer.receive, peer.send)
+    done = ["thread done"] if how == "gather" else "thread done"
+    assert events == [done, "cancelled at the next await"]

@@ -219,7 +219,7 @@ async def test_our_client_disconnected_and_starlettes_client_disconnect_are_abso
 
 
 async def test_a_server_os_error_from_send_is_absorbed_and_recorded() -> None:
-    """An ASGI 2.4 server's own OSError from send() is the departure: absorbed, recorded."""
+    """An ASGI 2.4 server's own OSError from send() is the departure: absorbed, recorded, nothing counted."""
     peer = Peer()
     peer.send_error = BrokenPipeError(errno.EPIPE, "Broken pipe")
     states: list[DisconnectState] = []
@@ -228,7 +228,7 @@ async def test_a_server_os_error_from_send_is_absorbed_and_recorded() -> None:
         states.append(disconnect_state(scope))
         await send(START)
 
-    assert await raised_by(app, peer) is None
+    assert await raised_by(app, peer, http_scope(asgi={"version": "3.0", "spec_version": "2.4"})) is None
     assert states[0].disconnected and states[0].phase == "before_response"
 
 
@@ -474,3 +474,25 @@ async def test_an_app_that_cancels_its_caller_and_answers_keeps_its_response() -
         returned.append("returned")
     assert returned == ["returned"]
     assert peer.body == b"done"
+
+
+async def test_a_refused_send_on_a_2_4_server_is_recorded_even_if_the_app_goes_on() -> None:
+    """A 2.4 server's send() raises and the app swallows it: the abort is still recorded, nothing counted."""
+    peer = Peer()
+    states: list[DisconnectState] = []
+    scope = http_scope(asgi={"version": "3.0", "spec_version": "2.4"})
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        states.append(disconnect_state(scope))
+        await send(START)
+        peer.send_error = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        try:
+            await send({"type": "http.response.body", "body": b"lost", "more_body": True})
+        except OSError:
+            pass  # a 2.4-aware app that simply stops
+
+    with capture_logs() as logs:
+        assert await raised_by(app, peer, scope) is None
+    state = states[0]
+    assert (state.disconnected, state.phase, state.bytes_sent) == (True, "mid_body", 0)
+    assert [log["event"] for log in logs] == ["client disconnected"]
