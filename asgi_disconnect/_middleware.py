@@ -486,7 +486,7 @@ class _Cycle(DisconnectState):
             phase = "mid_body" if self._started else "before_response"
         self._slow = True
         self._mark(phase, time.monotonic())
-        if self.cancel:  # the policy as it stands at the moment of the disconnect
+        if self.cancel and not self._stopped:  # the policy as it stands at the moment of the disconnect
             delay = self._cancel_delay()
             if self._task is not None:
                 self._cancel_handle = self._task.get_loop().call_later(delay, self._begin_cancel)
@@ -549,6 +549,12 @@ class _Cycle(DisconnectState):
                     "runs blocking or CPU-bound code in the event loop, or waits for a thread"
                 ),
             )
+
+    def _settle(self) -> None:
+        """The app returned (asyncio fast path): stop everything, take our cancellation back."""
+        self._finish()
+        if self._canceller is not None:
+            self._canceller.uncancel()
 
     def _finish(self) -> None:
         """The app returned: stop the watcher and every pending timer."""
@@ -615,6 +621,7 @@ class DisconnectMiddleware:
         # Requests that started in the current event loop iteration, per loop (see
         # __call__): scheduling state, not request state.
         self._batches: dict[asyncio.AbstractEventLoop, list[_Cycle]] = {}
+        self._plain_sends: bool | None = None  # see _send_wrapper()
 
     # Any, not the Scope alias: Litestar types its scopes as TypedDicts, Starlette as
     # MutableMapping; a parameter typed Any lets both pass the middleware under mypy.
@@ -628,58 +635,75 @@ class DisconnectMiddleware:
         cycle = _Cycle(self, scope, receive, send, task)
         app_scope = scope.copy()  # an ASGI scope is a dict: its keys table is cloned, not rebuilt
         app_scope[SCOPE_KEY] = cycle
-        if self.send_timeout is not None:
-            send_wrapper = cycle._app_send_timed
-        elif scope.get("asgi", _NO_ASGI).get("spec_version", "2.0") in _DROPPING_SPECS:
-            send_wrapper = cycle._app_send  # a server that drops, never raises: no frame of ours per send
-        else:
-            send_wrapper = cycle._app_send_checked
+        send_wrapper = cycle._app_send if self._plain_sends else self._send_wrapper(cycle, scope)
         if loop is None or task is None:
             # trio, the public anyio path, or a coroutine driven by hand outside a task
             error = await self._call_in_task_group(cycle, app_scope, send_wrapper)
-        else:
-            # A task per request costs more than this middleware's whole budget, so the
-            # app's first step runs here, by hand: an app that answers without suspending
-            # (a hello world, a cached answer) needs no watcher and costs no callback.
-            # One that suspends joins the requests whose watchers start from one callback
-            # in the next loop iteration. (A periodic timer instead costs more: it wakes
-            # a busy server 1000 times/s.)
-            error = None
-            try:
-                app = self.app(app_scope, cycle._app_receive, send_wrapper)
-                if type(app) is not CoroutineType:
-                    app = _as_coroutine(app)  # any other awaitable an ASGI callable returns
+            if cycle._slow:
+                await self._after(scope, cycle)
+            if error is not None:
                 try:
-                    suspended = app.send(None)
-                except StopIteration:
-                    pass
-                else:
-                    batch = self._batches.get(loop)
-                    if batch is None:
-                        batch = self._new_batch(loop)
-                    batch.append(cycle)
-                    await _resume(app, suspended)
-            except BaseException as exc:
-                if isinstance(exc, GeneratorExit):
-                    raise  # the coroutine is being closed: it must not await again
-                if not self._absorbs(cycle, exc):
-                    error = exc
-            finally:
-                cycle._stopped = True
-                if cycle._slow:
-                    cycle._finish()
-                    if cycle._canceller is not None:
-                        cycle._canceller.uncancel()
-        if cycle._slow:
-            if cycle._streams:
-                await cycle._close_streams()
-            if cycle.disconnected:
-                await self._report(scope, cycle)
-        if error is not None:
+                    raise error  # the app's own: the same object, after the abort was reported
+                finally:
+                    del error
+            return
+        # A task per request costs more than this middleware's whole budget, so the app's
+        # first step runs here, by hand: an app that answers without suspending (a hello
+        # world, a cached answer) needs no watcher and costs no callback. One that
+        # suspends joins the requests whose watchers start from one callback in the next
+        # loop iteration. (A periodic timer instead costs more: it wakes a busy server
+        # 1000 times/s.)
+        try:
+            app = self.app(app_scope, cycle._app_receive, send_wrapper)
+            if type(app) is not CoroutineType:
+                app = _as_coroutine(app)  # any other awaitable an ASGI callable returns
             try:
-                raise error  # the app's own: the same object, after the abort was reported
-            finally:
-                del error
+                suspended = app.send(None)
+            except StopIteration:
+                pass
+            else:
+                batch = self._batches.get(loop)
+                if batch is None:
+                    batch = self._new_batch(loop)
+                batch.append(cycle)
+                await _resume(app, suspended)
+        except BaseException as exc:
+            closing = isinstance(exc, GeneratorExit)  # the coroutine is closed: it must not await again
+            absorbed = not closing and self._absorbs(cycle, exc)
+            cycle._stopped = True
+            if cycle._slow:
+                cycle._settle()
+                if not closing:
+                    await self._after(scope, cycle)
+            if not absorbed:
+                raise  # the app's own: the same object, after the abort was reported
+            return
+        cycle._stopped = True
+        if cycle._slow:
+            cycle._settle()
+            await self._after(scope, cycle)
+
+    async def _after(self, scope: Scope, cycle: _Cycle) -> None:
+        """What a request that needed more than the plain path ends with."""
+        if cycle._streams:
+            await cycle._close_streams()
+        if cycle.disconnected:
+            await self._report(scope, cycle)
+
+    def _send_wrapper(self, cycle: _Cycle, scope: Scope) -> Send:
+        """The send() the app gets, when it is not the plain one (decided at the first request).
+
+        A server before ASGI 2.4 drops a send to a closed connection and never raises, so
+        the plain wrapper (no coroutine frame of ours per message) sees all there is; a
+        server's spec version does not change between its requests.
+        """
+        if self.send_timeout is not None:
+            return cycle._app_send_timed
+        if self._plain_sends is None:
+            self._plain_sends = scope.get("asgi", _NO_ASGI).get("spec_version", "2.0") in _DROPPING_SPECS
+            if self._plain_sends:
+                return cycle._app_send
+        return cycle._app_send_checked
 
     @staticmethod
     def _absorbs(cycle: _Cycle, exc: BaseException) -> bool:

@@ -158,10 +158,6 @@ class FakeServer:
             return True  # that call waits for the client: a receive() now waits on it
         return self.leave_at_receive is None or len(self.receive_calls) < self.leave_at_receive
 
-    @property
-    def undelivered_body_bytes(self) -> int:
-        return sum(body_bytes(m) for m in self.queue)
-
     # -- the ASGI callables ------------------------------------------------------------
 
     def unread(self) -> tuple[int, int]:

@@ -724,7 +724,7 @@ def check_exceptions(run: Run) -> None:
     elif run.raised_from_send or run.end_kind in ABSORBED_ENDS:
         expected = "absorbed"  # ClientDisconnected, the server's OSError, a wrapper or a group of them
     elif run.end_kind == "own_in_handler":
-        expected = "either"  # ambiguous: an own OSError whose __context__ is a departure error
+        expected = "propagated"  # an own OSError raised while handling a departure error is the app's
     else:
         expected = "propagated"
     if expected == "absorbed" and escaped is not None:
@@ -855,10 +855,9 @@ def check_send(run: Run) -> None:
     """send() raises only after an early departure; bytes_sent counts what the server took.
 
     Once the middleware knows of the departure, send() raises ClientDisconnected without
-    calling the server (promise 5). For an app that was told through receive() (it got
-    http.disconnect) the contract is ambiguous: promise 5 says the same, promise 6 (keep a
-    listening framework's lifecycle) is served by letting its sends meet the server as
-    without the middleware. Both are accepted there.
+    calling the server (promise 5), unless the app was told through receive() (it got
+    http.disconnect): a listening framework keeps its lifecycle (promise 6), so its sends
+    meet the server as without the middleware.
     """
     sc, server, state = run.sc, run.server, run.state
     assert state is not None
@@ -867,7 +866,13 @@ def check_send(run: Run) -> None:
         kind = record.message["type"]
         reached = record.server_calls_after != record.server_calls_before
         if record.disconnected_before:
-            if record.told_before and reached:
+            if record.told_before:
+                if not reached:
+                    raise _violation(
+                        SendViolation,
+                        run,
+                        f"send #{n} ({kind}): the app was told, yet its send did not reach the server",
+                    )
                 passed_through.append(record.message)
             else:
                 if not isinstance(record.raised, ClientDisconnected):
@@ -928,11 +933,8 @@ def check_read_ahead(run: Run) -> None:
     A read the app did not ask for may happen only before the response is complete and,
     unless the whole body was delivered, only if the app has not started to read the body
     itself, the request does not expect 100 Continue, and it declares no body or
-    max_read_ahead > 0. The bound on what it holds is ambiguous: DESIGN promise 4 says
-    never more than max_read_ahead unread bytes; the README says "at most max_read_ahead
-    bytes (a single server chunk can go past it)". What is checked is the README's: a read
-    that takes the unread bytes past max_read_ahead must have started below it, so they
-    never exceed max_read_ahead - 1 + one chunk.
+    max_read_ahead > 0. It never holds more than max_read_ahead unread bytes (promise 4):
+    it reads a body ahead only when its content-length says all of it fits.
     """
     sc, server = run.sc, run.server
     limit = sc.max_read_ahead
@@ -957,7 +959,7 @@ def check_read_ahead(run: Run) -> None:
         if limit == 0:
             raise _violation(ReadAheadViolation, run, f"{where}: read ahead with max_read_ahead=0")
         held = server.unread_after.get(call.index, 0)
-        if held > limit and call.unread_bytes >= limit:
+        if held > limit:
             raise _violation(
                 ReadAheadViolation,
                 run,
