@@ -251,8 +251,17 @@ async def test_an_app_that_stops_reading_early_sees_exactly_what_it_read() -> No
     assert peer.sent[0]["status"] == 413
 
 
-async def test_bodiless_request_is_watched_even_with_read_ahead_disabled() -> None:
-    """max_read_ahead=0 still watches a GET: its one empty message holds no bytes."""
+@pytest.mark.parametrize(
+    ("http_version", "method"),
+    [
+        ("1.1", "GET"),
+        ("2", "GET"),  # HTTP/2 and 3 send no content-length for a bodiless request
+        ("2", "HEAD"),
+        ("3", "OPTIONS"),
+    ],
+)
+async def test_bodiless_request_is_watched_even_with_read_ahead_disabled(http_version: str, method: str) -> None:
+    """max_read_ahead=0 still watches a bodiless request on every HTTP version: one empty message holds no bytes."""
     peer = Peer()
     states: list[DisconnectState] = []
 
@@ -261,8 +270,9 @@ async def test_bodiless_request_is_watched_even_with_read_ahead_disabled() -> No
         with anyio.move_on_after(2):
             await disconnect_state(scope).wait()
 
+    scope = http_scope(method=method, http_version=http_version)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(DisconnectMiddleware(app, max_read_ahead=0), http_scope(), peer.receive, peer.send)
+        tg.start_soon(DisconnectMiddleware(app, max_read_ahead=0), scope, peer.receive, peer.send)
         await wait_until_suspended()
         peer.disconnect()
     assert states[0].disconnected is True
