@@ -106,7 +106,7 @@ def _waits_on_thread(waiter: Any, depth: int = 0) -> bool:
         return False
     children = getattr(waiter, "_children", None)  # asyncio.gather()
     if children is not None:
-        return any(_waits_on_thread(getattr(child, "_fut_waiter", child), depth + 1) for child in children)
+        return any(_child_busy(child, depth + 1) for child in children)
     for callback, _context in waiter._callbacks or ():
         name = getattr(callback, "__qualname__", "")
         if name == "_chain_future.<locals>._call_check_cancel":
@@ -117,9 +117,20 @@ def _waits_on_thread(waiter: Any, depth: int = 0) -> bool:
     return False
 
 
+def _child_busy(child: Any, depth: int) -> bool:
+    if not isinstance(child, asyncio.Task):
+        return _waits_on_thread(child, depth)
+    if child.done():
+        return False
+    waiter = child._fut_waiter  # type: ignore[attr-defined]
+    # A child about to run (its thread just answered) is still busy: it has not blocked yet.
+    return waiter is None or waiter.done() or _waits_on_thread(waiter, depth)
+
+
 def waits_on_thread(task: asyncio.Task[Any]) -> bool:
     """True when ``task`` waits for work in another thread (``run_in_executor``, any wrapped
-    ``concurrent.futures.Future``), directly, through ``asyncio.shield()`` or ``gather()``.
+    ``concurrent.futures.Future``), directly, through ``asyncio.shield()`` or ``gather()``
+    (until the gathered task that waited for it has finished).
 
     Cancelling that wait stops nothing: the thread runs on. anyio's ``to_thread`` and
     asgiref's ``sync_to_async`` (Django) both wait for the thread when cancelled, so the

@@ -373,7 +373,7 @@ async def test_anyio_shield_detection_reads_anyio_internals() -> None:
 
 @pytest.mark.fast_path
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.parametrize("how", ["direct", "shield", "gather"])
+@pytest.mark.parametrize("how", ["direct", "shield", "gather", "gathered task"])
 async def test_a_wait_for_a_worker_thread_is_not_cancelled(how: str) -> None:
     """The cancellation waits while the handler waits for a thread (it cannot stop one), then lands."""
     peer = Peer()
@@ -391,7 +391,14 @@ async def test_a_wait_for_a_worker_thread_is_not_cancelled(how: str) -> None:
         if how == "shield":
             work = asyncio.shield(work)  # asgiref's sync_to_async (Django)
         elif how == "gather":
-            work = asyncio.gather(work)  # Django's Signal.asend
+            work = asyncio.gather(work)
+        elif how == "gathered task":
+            thread = work
+
+            async def in_a_task() -> str:
+                return str(await asyncio.shield(thread))
+
+            work = asyncio.gather(in_a_task())  # Django's Signal.asend of a sync_to_async receiver
         events.append(await work)
         try:
             await anyio.sleep(5)
@@ -401,5 +408,5 @@ async def test_a_wait_for_a_worker_thread_is_not_cancelled(how: str) -> None:
 
     with anyio.fail_after(3):
         await DisconnectMiddleware(app, cancel=True)(http_scope(), peer.receive, peer.send)
-    done = ["thread done"] if how == "gather" else "thread done"
+    done = ["thread done"] if how.startswith("gather") else "thread done"
     assert events == [done, "cancelled at the next await"]
