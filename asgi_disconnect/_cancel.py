@@ -104,6 +104,8 @@ def anyio_shielded(task: asyncio.Task[Any]) -> bool:
 def _waits_on_thread(waiter: Any, depth: int = 0) -> bool:
     if waiter is None or depth > 4 or waiter.done():
         return False
+    if isinstance(waiter, asyncio.Task):  # await task
+        return _child_busy(waiter, depth + 1)
     children = getattr(waiter, "_children", None)  # asyncio.gather()
     if children is not None:
         return any(_child_busy(child, depth + 1) for child in children)
@@ -123,14 +125,16 @@ def _child_busy(child: Any, depth: int) -> bool:
     if child.done():
         return False
     waiter = child._fut_waiter  # type: ignore[attr-defined]
-    # A child about to run (its thread just answered) is still busy: it has not blocked yet.
-    return waiter is None or waiter.done() or _waits_on_thread(waiter, depth)
+    if waiter is None:
+        return False  # runnable after a bare yield: not waiting for anything
+    # A child whose wait just ended (its thread answered) is busy until it runs.
+    return bool(waiter.done()) or _waits_on_thread(waiter, depth)
 
 
 def waits_on_thread(task: asyncio.Task[Any]) -> bool:
     """True when ``task`` waits for work in another thread (``run_in_executor``, any wrapped
-    ``concurrent.futures.Future``), directly, through ``asyncio.shield()`` or ``gather()``
-    (until the gathered task that waited for it has finished).
+    ``concurrent.futures.Future``), directly, through ``asyncio.shield()``, an awaited task
+    or ``gather()`` (until the task that waited for it has run on).
 
     Cancelling that wait stops nothing: the thread runs on. anyio's ``to_thread`` and
     asgiref's ``sync_to_async`` (Django) both wait for the thread when cancelled, so the

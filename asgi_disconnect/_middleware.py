@@ -207,6 +207,7 @@ class _Cycle(DisconnectState):
     _streams: list[_GuardedStream[Any]] | None = None  # guard_stream bodies, closed if abandoned
     _read_ahead_ok: bool | None = None  # from the request headers, on a watcher's first need
     _body_read_at: float | None = None  # when the app itself received the end of the body
+    _refused: OSError | None = None  # the server's error from a send it refused (ASGI 2.4)
     # Set only where they are used: _warn_handle (when a cancellation begins), _tg and
     # _app_scope (trio).
     _warn_handle: asyncio.TimerHandle
@@ -354,6 +355,9 @@ class _Cycle(DisconnectState):
             try:
                 with scope:
                     await func(*args)
+            except Exception:
+                # Ours, not the app's: logged, never raised into the task group in its place.
+                logger.exception("asgi-disconnect helper failed", method=self._scope.get("method"))
             finally:
                 self._running -= 1
                 if not self._running and self._idle is not None:
@@ -415,35 +419,39 @@ class _Cycle(DisconnectState):
         disconnected = self.disconnected
         try:
             await self._app_send(message)
-        except OSError:
-            if not disconnected and not self.disconnected:
+        except OSError as exc:
+            if not disconnected:
                 # Only the server's send() can have raised: the client is gone, and the
                 # message was not delivered, even if the app goes on.
+                self._refused = exc
                 self._unsend(message)
                 self._disconnected()
             raise
 
     def _app_send_timed(self, message: Message) -> Awaitable[None]:
-        return self._within_send_timeout(self._app_send_checked(message))
+        return self._within_send_timeout(message)
 
-    async def _within_send_timeout(self, sending: Awaitable[None]) -> None:
+    async def _within_send_timeout(self, message: Message) -> None:
         assert self._mw.send_timeout is not None
         with anyio.move_on_after(self._mw.send_timeout) as timer:
-            await sending
+            await self._app_send_checked(message)
         if timer.cancelled_caught:
-            # A peer that stopped reading (half-open TCP, a stuck client): it is gone.
-            self._complete = False
+            # A peer that stopped reading (half-open TCP, a stuck client): it is gone, and
+            # the message it did not take was not delivered.
+            self._unsend(message)
             self._disconnected("stalled")
             raise ClientDisconnected(f"client stalled: one send blocked more than {self._mw.send_timeout} s")
 
     def _unsend(self, message: Message | None) -> None:
-        """The server's send() raised: ``message`` (None: unknown) was not delivered."""
+        """The server did not take ``message`` (None: unknown): its send() raised or stalled."""
         self._complete = False
         if message is None:
             return
         kind = message["type"]
         if kind == "http.response.start":
             self._started = None
+            if self.phase == "mid_body":  # recorded meanwhile, from the refused start
+                self.phase = "before_response"
         elif kind == "http.response.body":
             self.bytes_sent -= len(message.get("body", b""))
 
@@ -538,7 +546,8 @@ class _Cycle(DisconnectState):
             self._warn_stuck()
 
     def _warn_stuck(self) -> None:
-        if not self._stopped:
+        # Not for an app that has since begun to listen itself: the cancellation stood down.
+        if self._should_cancel():
             logger.warning(
                 "handler still running after cancellation",
                 method=self._scope.get("method"),
@@ -699,11 +708,11 @@ class DisconnectMiddleware:
         """
         if self.send_timeout is not None:
             return cycle._app_send_timed
-        if self._plain_sends is None:
-            self._plain_sends = scope.get("asgi", _NO_ASGI).get("spec_version", "2.0") in _DROPPING_SPECS
-            if self._plain_sends:
-                return cycle._app_send
-        return cycle._app_send_checked
+        spec = scope.get("asgi", _NO_ASGI).get("spec_version")
+        if spec is None:
+            return cycle._app_send  # 2.0 (no key): it drops; not cached, a later scope may say more
+        self._plain_sends = spec in _DROPPING_SPECS
+        return cycle._app_send if self._plain_sends else cycle._app_send_checked
 
     @staticmethod
     def _absorbs(cycle: _Cycle, exc: BaseException) -> bool:
@@ -717,6 +726,8 @@ class DisconnectMiddleware:
             cycle._unsend(None)  # a server that said it never raises (ASGI 2.3 or older)
             cycle._disconnected()
             return True
+        if exc is cycle._refused:
+            return True  # the server's own error, seen leaving its send() (any kind of callable)
         canceller = cycle._canceller
         if canceller is not None and canceller.count and canceller.external():
             return False  # someone else cancelled too (the server shutting down): it must propagate

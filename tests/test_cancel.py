@@ -373,7 +373,7 @@ async def test_anyio_shield_detection_reads_anyio_internals() -> None:
 
 @pytest.mark.fast_path
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.parametrize("how", ["direct", "shield", "gather", "gathered task"])
+@pytest.mark.parametrize("how", ["direct", "shield", "gather", "gathered task", "awaited task"])
 async def test_a_wait_for_a_worker_thread_is_not_cancelled(how: str) -> None:
     """The cancellation waits while the handler waits for a thread (it cannot stop one), then lands."""
     peer = Peer()
@@ -399,6 +399,8 @@ async def test_a_wait_for_a_worker_thread_is_not_cancelled(how: str) -> None:
                 return str(await asyncio.shield(thread))
 
             work = asyncio.gather(in_a_task())  # Django's Signal.asend of a sync_to_async receiver
+        elif how == "awaited task":
+            work = asyncio.ensure_future(asyncio.shield(work))
         events.append(await work)
         try:
             await anyio.sleep(5)
@@ -410,3 +412,23 @@ async def test_a_wait_for_a_worker_thread_is_not_cancelled(how: str) -> None:
         await DisconnectMiddleware(app, cancel=True)(http_scope(), peer.receive, peer.send)
     done = ["thread done"] if how.startswith("gather") else "thread done"
     assert events == [done, "cancelled at the next await"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_gathered_task_that_only_yields_is_cancelled() -> None:
+    """A gathered child busy with bare yields (no thread) does not hold the cancellation back."""
+    peer = Peer()
+    spins: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        async def spin() -> None:
+            for n in range(5000):  # at most about 5 s
+                spins.append(n)
+                await asyncio.sleep(0 if n % 2 else 0.001)
+
+        peer.disconnect()
+        await asyncio.gather(spin())
+
+    with anyio.fail_after(3):
+        await DisconnectMiddleware(app, cancel=True)(http_scope(), peer.receive, peer.send)
+    assert len(spins) < 1000

@@ -494,3 +494,45 @@ async def test_a_server_send_that_is_a_callable_object_is_recognised() -> None:
 
     await DisconnectMiddleware(app)(http_scope(), Peer().receive, ServerSend())
     assert states[0].disconnected is True
+
+
+async def test_a_refused_send_of_a_server_send_without_code_is_absorbed() -> None:
+    """A 2.4 server whose send is a functools.partial: its error is still recognised, by identity."""
+    import functools
+
+    async def server_send(message: Message, *, error: OSError) -> None:
+        raise error
+
+    error = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    send = functools.partial(server_send, error=error)
+    scope = http_scope(asgi={"version": "3.0", "spec_version": "2.4"})
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+
+    await DisconnectMiddleware(app)(scope, Peer().receive, send)
+
+
+async def test_the_send_wrapper_is_chosen_from_a_request_that_names_its_spec() -> None:
+    """A first scope without spec_version (a test transport) does not fix the wrapper for a 2.4 server."""
+    states: list[DisconnectState] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        states.append(disconnect_state(scope))
+        await send(START)
+        try:
+            await send({"type": "http.response.body", "body": b"x" * 100, "more_body": True})
+        except OSError:
+            pass
+
+    wrapped = DisconnectMiddleware(app)
+    await wrapped(http_scope(asgi={"version": "3.0"}), Peer().receive, Peer().send)
+
+    class Refusing(Peer):
+        async def send(self, message: Message) -> None:
+            if message["type"] == "http.response.body":
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    peer = Refusing()
+    await wrapped(http_scope(asgi={"version": "3.0", "spec_version": "2.4"}), peer.receive, peer.send)
+    assert (states[1].disconnected, states[1].bytes_sent) == (True, 0)
