@@ -17,7 +17,7 @@ from typing import Literal
 
 import anyio
 
-from asgi_disconnect._types import ASGIApp
+from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
 
 ServerKind = Literal["uvicorn-h11", "uvicorn-httptools", "hypercorn"]
 SERVERS: tuple[ServerKind, ...] = ("uvicorn-h11", "uvicorn-httptools", "hypercorn")
@@ -75,6 +75,40 @@ async def run_server(app: ASGIApp, kind: ServerKind) -> AsyncIterator[int]:
                 stop.set()
     with contextlib.suppress(OSError):
         sock.close()  # the server may have closed its listening socket already
+
+
+class Outermost:
+    """The app the server calls: counts the HTTP requests that started and ended, keeps what
+    escaped to the server and when the last request returned.
+
+    Other scopes reach ``app`` too, unless ``pass_other_scopes`` is false: then lifespan is
+    answered by returning at once (hypercorn goes on without lifespan support, quietly).
+    """
+
+    def __init__(self, app: ASGIApp, *, pass_other_scopes: bool = True) -> None:
+        self.app = app
+        self.pass_other_scopes = pass_other_scopes
+        self.started = 0
+        self.ended = 0
+        self.escaped: list[BaseException] = []
+        self.returned = anyio.Event()
+        self.returned_at: float | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if self.pass_other_scopes:
+                await self.app(scope, receive, send)
+            return
+        self.started += 1
+        try:
+            await self.app(scope, receive, send)
+        except BaseException as exc:
+            self.escaped.append(exc)
+            raise
+        finally:
+            self.ended += 1
+            self.returned_at = time.monotonic()
+            self.returned.set()
 
 
 async def wait_for_port(port: int) -> None:

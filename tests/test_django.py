@@ -63,7 +63,16 @@ from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
 
 from . import django_app
 from .django_app import BUSY_LOOKUP, probe
-from .servers import ServerKind, close, raw_connection, read_response, read_then_leave, request_bytes, run_server
+from .servers import (
+    Outermost,
+    ServerKind,
+    close,
+    raw_connection,
+    read_response,
+    read_then_leave,
+    request_bytes,
+    run_server,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -90,26 +99,6 @@ def django_asgi(tmp_path_factory: pytest.TempPathFactory) -> ASGIApp:
     return django_app.configure(tmp_path_factory.mktemp("django"))
 
 
-class Recorder:
-    """The outermost app: counts the requests the server started and that returned, keeps what escaped."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.calls = 0
-        self.returned = 0
-        self.escaped: list[BaseException] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.calls += 1
-        try:
-            await self.app(scope, receive, send)
-        except BaseException as exc:
-            self.escaped.append(exc)
-            raise
-        finally:
-            self.returned += 1
-
-
 class ErrorRecords(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -129,7 +118,7 @@ class Lifecycle:
         self.body_files: list[tempfile.SpooledTemporaryFile[bytes]] = []
         self.connections: list[Any] = []  # django.db.backends.base.base.BaseDatabaseWrapper
         self.errors = ErrorRecords()
-        self.recorder: Recorder | None = None
+        self.recorder: Outermost | None = None
         self.abandoned = 0  # Django's listener and view tasks, abandoned by their handler
 
     def on_started(self, **kwargs: Any) -> None:
@@ -162,7 +151,7 @@ class Lifecycle:
     def snapshot(self) -> tuple[int, ...]:
         assert self.recorder is not None
         counts = sum(probe.counts.values())
-        return (self.recorder.calls, self.recorder.returned, self.started, self.finished, counts, probe.busy)
+        return (self.recorder.started, self.recorder.ended, self.started, self.finished, counts, probe.busy)
 
     async def settle(self) -> None:
         """Wait (bounded) until every request has returned, no view works in a thread, and nothing moves any more."""
@@ -174,12 +163,12 @@ class Lifecycle:
             now, current = time.monotonic(), self.snapshot()
             if current != last:
                 last, since = current, now
-            elif self.recorder.calls == self.recorder.returned and not probe.busy and now - since >= QUIET:
+            elif self.recorder.started == self.recorder.ended and not probe.busy and now - since >= QUIET:
                 return
             if now > deadline:
                 raise AssertionError(
-                    f"the server side did not settle within {SETTLE_WITHIN} s: {self.recorder.calls} requests "
-                    f"started, {self.recorder.returned} returned, {probe.busy} views at work in threads"
+                    f"the server side did not settle within {SETTLE_WITHIN} s: {self.recorder.started} requests "
+                    f"started, {self.recorder.ended} returned, {probe.busy} views at work in threads"
                 )
 
     def check(self) -> None:
@@ -201,7 +190,7 @@ class Lifecycle:
             problems.append(f"escaped the app: {dict(escaped)}")
         logged = Counter(f"{record.name}: {record.getMessage()}" for record in self.errors.records)
         problems.extend(f"ERROR logged {count} times by {message}" for message, count in logged.items())
-        assert problems == [], f"{self.recorder.calls} requests reached the app; " + "; ".join(problems)
+        assert problems == [], f"{self.recorder.started} requests reached the app; " + "; ".join(problems)
 
 
 @pytest.fixture
@@ -271,7 +260,7 @@ async def serve(
     server: Server, django_asgi: ASGIApp, mode: Mode, life: Lifecycle, grace: float = 0.0
 ) -> AsyncIterator[int]:
     """Serve the Django app (wrapped for ``mode``) for one test; record ERROR logs until its requests settled."""
-    life.recorder = Recorder(wrap(django_asgi, mode, grace))
+    life.recorder = Outermost(wrap(django_asgi, mode, grace))
     loggers = [logging.getLogger(name) for name in LOGGERS]
     # uvicorn.Config configured logging when the server started: its dictConfig drops the handlers it finds.
     for logger in loggers:
@@ -345,7 +334,7 @@ async def test_normal_requests_complete_with_lifecycle(
         answers = await anyio.to_thread.run_sync(client)
 
     assert answers == [(200, expected) for *_, expected in NORMAL]
-    assert lifecycle.recorder is not None and lifecycle.recorder.calls == len(NORMAL)
+    assert lifecycle.recorder is not None and lifecycle.recorder.started == len(NORMAL)
     assert lifecycle.started == len(NORMAL)
     lifecycle.check()
 
@@ -365,7 +354,7 @@ async def test_client_leaving_right_after_request_keeps_lifecycle(
     async with serve(server, django_asgi, mode, lifecycle) as port:
         await anyio.to_thread.run_sync(leave_at_once, port, request_bytes("GET", path), how, LEAVES)
 
-    assert lifecycle.recorder is not None and lifecycle.recorder.calls > 0, "no request reached the app"
+    assert lifecycle.recorder is not None and lifecycle.recorder.started > 0, "no request reached the app"
     lifecycle.check()
     # Cleanup that awaits is cancelled at most once: a second cancellation would interrupt it.
     assert probe.counts["slow.cancelled_again"] == probe.counts["stream.cancelled_again"] == 0, probe.counts
@@ -382,7 +371,7 @@ async def test_a_set_up_longer_than_the_listen_window_is_covered_by_the_grace(
     async with serve(server, django_asgi, mode, lifecycle, grace=BUSY_LOOKUP * 2) as port:
         await anyio.to_thread.run_sync(leave_at_once, port, request_bytes("GET", "/tenant/busy/fast"), how, LEAVES)
 
-    assert lifecycle.recorder is not None and lifecycle.recorder.calls > 0, "no request reached the app"
+    assert lifecycle.recorder is not None and lifecycle.recorder.started > 0, "no request reached the app"
     lifecycle.check()
 
 

@@ -35,6 +35,7 @@ from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
 from . import apps
 from .servers import (
     SERVERS,
+    Outermost,
     ServerKind,
     close,
     raw_connection,
@@ -59,7 +60,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Served:
+class Served(Outermost):
     """``DisconnectMiddleware(app)``, plus what escaped it and when an HTTP request returned.
 
     It answers ``lifespan`` itself by returning at once: hypercorn then goes on without
@@ -67,20 +68,7 @@ class Served:
     """
 
     def __init__(self, app: ASGIApp) -> None:
-        self.app = DisconnectMiddleware(app)
-        self.escaped: list[BaseException] = []
-        self.returned = anyio.Event()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        try:
-            await self.app(scope, receive, send)
-        except BaseException as exc:
-            self.escaped.append(exc)
-            raise
-        finally:
-            self.returned.set()
+        super().__init__(DisconnectMiddleware(app), pass_other_scopes=False)
 
 
 async def send_text(send: Send, body: bytes, status: int = 200) -> None:

@@ -37,6 +37,7 @@ from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, Disconnect
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
 from tests.servers import (
     SERVERS,
+    Outermost,
     ServerKind,
     close,
     raw_connection,
@@ -98,30 +99,7 @@ class Source:
             self.closed.set()
 
 
-class Probe:
-    """The outermost ASGI app: records when each HTTP request returned and what escaped to the server."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.escaped: list[BaseException] = []
-        self.returned_at: float | None = None
-        self.returned = anyio.Event()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        except BaseException as exc:
-            self.escaped.append(exc)
-            raise
-        finally:
-            self.returned_at = time.monotonic()
-            self.returned.set()
-
-
-def build_app(framework: Framework, source: Source, heartbeat: float | None = None) -> Probe:
+def build_app(framework: Framework, source: Source, heartbeat: float | None = None) -> Outermost:
     """The framework's own streaming response over ``guard_stream(source(), scope)`` at ``/stream``."""
     if framework == "raw":
 
@@ -135,7 +113,7 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
                 await send({"type": "http.response.body", "body": token.encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        return Probe(DisconnectMiddleware(raw))
+        return Outermost(DisconnectMiddleware(raw))
 
     if framework in ("starlette", "sse-starlette"):
 
@@ -148,7 +126,7 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
 
         starlette_app = Starlette(routes=[Route("/stream", starlette_stream)])
         starlette_app.add_middleware(DisconnectMiddleware)
-        return Probe(starlette_app)
+        return Outermost(starlette_app)
 
     if framework in ("fastapi", "fastapi-sse"):
         fastapi_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
@@ -169,7 +147,7 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
                 async for item in guard_stream(source(), request.scope, heartbeat=heartbeat):
                     yield item
 
-        return Probe(fastapi_app)
+        return Outermost(fastapi_app)
 
     @get("/stream")
     async def litestar_stream(request: LitestarRequest[Any, Any, Any]) -> Stream:
@@ -183,7 +161,7 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
         middleware=[DisconnectMiddleware],
         logging_config=None,  # Litestar would otherwise configure the process's logging
     )
-    return Probe(cast(ASGIApp, litestar_app))
+    return Outermost(cast(ASGIApp, litestar_app))
 
 
 # -- the source stops, in its own task, before the response ends ------------------------------
@@ -315,7 +293,7 @@ async def test_client_that_stops_reading_is_treated_as_gone(kind: ServerKind) ->
         finally:
             stopped.set()
 
-    probe = Probe(DisconnectMiddleware(flood, send_timeout=0.5))
+    probe = Outermost(DisconnectMiddleware(flood, send_timeout=0.5))
     leave = threading.Event()
 
     def stuck_client(port: int) -> None:
