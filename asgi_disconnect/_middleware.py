@@ -97,8 +97,8 @@ def _caused_by_departure(
 
     The causes: an ``OSError`` raised inside the server's own ``send``/``receive``
     (``server`` holds their code objects) and, unless ``server_only``, our
-    ``ClientDisconnected``, Starlette's ``ClientDisconnect`` and, if ``ours_cancelled``,
-    the middleware's own cancellation. An ``Exception`` that is none of these is followed
+    ``ClientDisconnected``, Starlette's ``ClientDisconnect`` and, if ``ours_cancelled``
+    (never with ``server_only``), the middleware's own cancellation. An ``Exception`` that is none of these is followed
     through ``__cause__``/``__context__`` (a framework's wrapper); any other ``OSError``
     or ``BaseException`` is the app's own. An exception group is caused by the departure
     when every member is. The walk is bounded and stops at a loop.
@@ -119,7 +119,7 @@ def _caused_by_departure(
                     return True
                 return not server_only and isinstance(current, ClientDisconnected)
             if isinstance(current, asyncio.CancelledError):
-                return ours_cancelled and not server_only
+                return ours_cancelled
             if not isinstance(current, Exception):
                 return False  # KeyboardInterrupt, SystemExit, GeneratorExit, trio.Cancelled
             if not server_only and _is_starlette_disconnect(current):

@@ -29,7 +29,7 @@ from asgi_disconnect import DisconnectMiddleware
 from asgi_disconnect._types import ASGIApp, Message, Receive, Scope, Send
 
 from . import hostile_apps as h
-from .servers import ServerKind, close, raw_connection, request_bytes, run_server, wait_for
+from .servers import Outermost, ServerKind, close, raw_connection, request_bytes, run_server, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -191,10 +191,16 @@ class Served:
     """One variant of the app on the server: what it raised, what escaped to the server, when it returned."""
 
     mode: Mode
-    app: ASGIApp
+    outer: Outermost  # the variant as the server calls it
     rec: h.Recorder
-    escaped: list[BaseException] = field(default_factory=list)
-    done: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def escaped(self) -> list[BaseException]:
+        return self.outer.escaped
+
+    @property
+    def done(self) -> anyio.Event:
+        return self.outer.returned
 
 
 def variant(factory: h.Factory, mode: Mode) -> Served:
@@ -202,7 +208,7 @@ def variant(factory: h.Factory, mode: Mode) -> Served:
     app = factory(rec)
     if mode != "bare":
         app = DisconnectMiddleware(app, cancel=mode == "cancel")
-    return Served(mode, app, rec)
+    return Served(mode, Outermost(app), rec)
 
 
 @dataclass(frozen=True)
@@ -234,14 +240,7 @@ class Live:
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
             await send({"type": "http.response.body", "body": b"probe"})
             return
-        served = self.variants[mode]
-        try:
-            await served.app(scope, receive, send)
-        except BaseException as exc:
-            served.escaped.append(exc)
-            raise
-        finally:
-            served.done.set()
+        await self.variants[mode].outer(scope, receive, send)
 
     async def run(self, factory: h.Factory, modes: tuple[Mode, ...], client: Client) -> dict[Mode, tuple[Served, Seen]]:
         """Serve ``factory``'s app in each mode; run ``client`` once per mode, in turn."""
@@ -510,7 +509,10 @@ async def test_unread_upload_of_one_byte_chunks_stays_bounded(uvicorn: Live, mod
     wrapped = Counting(
         DisconnectMiddleware(never_reads(wrapped_rec), cancel=mode == "cancel", max_read_ahead=READ_AHEAD)
     )
-    uvicorn.variants = {"bare": Served("bare", bare, bare_rec), mode: Served(mode, wrapped, wrapped_rec)}
+    uvicorn.variants = {
+        "bare": Served("bare", Outermost(bare), bare_rec),
+        mode: Served(mode, Outermost(wrapped), wrapped_rec),
+    }
     uvicorn.handler.records.clear()
     got: dict[str, Received] = {}
 
