@@ -2,8 +2,8 @@
 
 from ._cancel import shield
 from ._exceptions import ClientDisconnected
-from ._middleware import SCOPE_KEY, DisconnectMiddleware, disconnect_state
-from ._state import DisconnectState, Phase
+from ._middleware import DisconnectMiddleware
+from ._state import SCOPE_KEY, DisconnectState, Phase, disconnect_state
 from ._stream import guard_stream
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """``python -m asgi_disconnect``: the same command line as ``asgi-disconnect``."""
 
-from asgi_disconnect._cli import main
+from asgi_disconnect._tools.cli import main
 
 raise SystemExit(main())

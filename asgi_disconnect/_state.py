@@ -1,27 +1,60 @@
+"""The per-request state that every layer of the app reads: ``DisconnectState``."""
+
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Literal, Protocol
 
 import anyio
 
+#: The scope key that holds the request's ``DisconnectState``.
+SCOPE_KEY = "asgi_disconnect"
+
 #: Where a disconnect happened: before the app started its response, mid-body, or a
-#: client that stopped reading ("stalled": one send blocked longer than allowed).
+#: client that stopped reading ("stalled": one send blocked longer than ``send_timeout``).
 Phase = Literal["before_response", "mid_body", "stalled"]
+
+_INSTALL_HINT = (
+    "install DisconnectMiddleware in front of your app: `app = DisconnectMiddleware(app)`, "
+    "`app.add_middleware(DisconnectMiddleware)` (Starlette, FastAPI) or "
+    "`middleware=[DisconnectMiddleware]` (Litestar)"
+)
+
+
+class Cancellable(Protocol):
+    """What ``DisconnectState._beside()`` returns: something that can be stopped."""
+
+    def cancel(self) -> Any: ...
+
+
+class Interruption(Protocol):
+    """What ``DisconnectState._interruption()`` returns: a scope whose wait ``cancel()`` ends.
+
+    Used as ``with state._interruption() as scope:``; the interruption it delivers is
+    swallowed when the block exits, and ``cancelled_caught`` then says so.
+    """
+
+    @property
+    def cancelled_caught(self) -> bool: ...
+
+    def cancel(self) -> Any: ...
+
+    def __enter__(self) -> Interruption: ...
+
+    def __exit__(self, *exc_info: Any) -> bool | None: ...
 
 
 class DisconnectState:
     """Disconnect state of one HTTP request, shared through ``scope[SCOPE_KEY]``.
 
     Frameworks copy the scope dict, so this object (not a bool) is what every copy
-    holds: a flag set by the middleware is seen by every layer of the app.
+    holds: a flag set by the middleware is seen by every layer of the app. Once the
+    request has ended it holds only these figures, nothing of the request itself.
     """
 
-    # Class-level defaults, not __slots__: a request sets only what differs from them,
-    # which halves the cost of creating the state on the per-request hot path.
     #: True once the client went away before the response was complete.
     disconnected: bool = False
-    #: ``"before_response"`` or ``"mid_body"`` once ``disconnected`` is true.
+    #: ``"before_response"``, ``"mid_body"`` or ``"stalled"`` once ``disconnected`` is true.
     phase: Phase | None = None
     #: ``time.monotonic()`` when the middleware learnt of the disconnect.
     detected_at: float | None = None
@@ -32,8 +65,8 @@ class DisconnectState:
     cancel: bool = False
     #: True once the middleware cancelled the handler.
     cancelled: bool = False
-    _event: anyio.Event | None = None
-    _on_disconnect: list[Callable[[], None]] | None = None  # run by _mark (guard_stream)
+    _event: anyio.Event | None = None  # made by the first wait(): most requests never wait
+    _callbacks: list[Callable[[], None]] | None = None  # see _on_departure()
 
     def __init__(self, started_at: float, cancel: bool = False) -> None:
         #: ``time.monotonic()`` when the middleware received the request.
@@ -45,19 +78,44 @@ class DisconnectState:
         if self.disconnected:
             return
         if self._event is None:
-            # Created on first use only: most requests never wait.
             self._event = anyio.Event()
         await self._event.wait()
 
-    def _mark(self, phase: Phase, now: float) -> None:
+    def _record(self, phase: Phase, now: float) -> None:
         self.disconnected = True
         self.phase = phase
         self.detected_at = now
         if self._event is not None:
             self._event.set()
-        if self._on_disconnect is not None:
-            for callback in self._on_disconnect:
+        if self._callbacks is not None:
+            for callback in self._callbacks:
                 callback()
+
+    # -- what guard_stream uses (a state made by hand has no request behind it) ----------
+
+    def _on_departure(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when the departure is recorded, from whichever task sees it."""
+        if self._callbacks is None:
+            self._callbacks = []
+        self._callbacks.append(callback)
+
+    def _forget(self, callback: Callable[[], None]) -> None:
+        if self._callbacks is not None and callback in self._callbacks:
+            self._callbacks.remove(callback)
+
+    def _adopt(self, stream: Any) -> None:
+        """The request closes ``stream`` (its ``aclose()``) if the app abandons it."""
+
+    def _beside(self, func: Callable[[], Coroutine[Any, Any, None]]) -> Cancellable | None:
+        """Run ``func`` beside the app until the request ends; None: it cannot here."""
+        return None
+
+    async def _send_frame(self, frame: bytes) -> None:
+        """Send ``frame`` as body bytes if the response is an open, unframed stream."""
+
+    def _interruption(self) -> Interruption:
+        """A scope for one wait that ``cancel()`` interrupts (anyio's, on every backend)."""
+        return anyio.CancelScope()
 
     def __repr__(self) -> str:
         if not self.disconnected:
@@ -66,3 +124,18 @@ class DisconnectState:
             f"<DisconnectState disconnected phase={self.phase} bytes_sent={self.bytes_sent}"
             f"{' cancelled' if self.cancelled else ''}>"
         )
+
+
+def disconnect_state(scope: Mapping[str, Any]) -> DisconnectState:
+    """Return the request's ``DisconnectState``.
+
+    Raises ``LookupError`` when ``DisconnectMiddleware`` is not installed in front of
+    the app that received ``scope``.
+    """
+    try:
+        return scope[SCOPE_KEY]  # type: ignore[no-any-return]
+    except KeyError:
+        raise LookupError(
+            f"no DisconnectState in the ASGI scope (key {SCOPE_KEY!r}): {_INSTALL_HINT}. "
+            "Only 'http' scopes carry one; 'websocket' and 'lifespan' pass through untouched."
+        ) from None

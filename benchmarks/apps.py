@@ -3,6 +3,10 @@
 Variants (``VARIANTS``), each a way to put something in front of a Starlette app:
 
 - ``bare``: nothing;
+- ``passthrough``: ``PassthroughMiddleware(app)``, the floor that any correct pure ASGI
+  middleware pays: not a peer and with no budget of its own, it shows how much of the
+  cost of ``observe`` and ``cancel`` over bare no pure ASGI middleware could avoid
+  (every report shows it right after bare, labelled ``passthrough (floor)``);
 - ``observe``: ``DisconnectMiddleware(app)``, the default mode;
 - ``cancel``: ``DisconnectMiddleware(app, cancel=True)``;
 - ``guard_stream``: ``observe``, with the streaming bodies wrapped in ``guard_stream``;
@@ -23,11 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import os
 import platform
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -35,7 +41,7 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from asgi_disconnect import DisconnectMiddleware, guard_stream
 
@@ -47,12 +53,50 @@ STREAM_MAX_CHUNKS = 1 << 20
 WORK_S = 0.01  # the stream app's GET /work: how long it works before it answers
 TOKEN_GAP_S = 0.001  # and its GET /tokens: the pause between two tokens
 
-VARIANTS = ("bare", "observe", "cancel", "guard_stream", "basehttp", "fastapi-disconnect", "aiofence")
+VARIANTS = ("bare", "passthrough", "observe", "cancel", "guard_stream", "basehttp", "fastapi-disconnect", "aiofence")
 #: peer variant -> (module, middleware class)
 PEERS = {
     "fastapi-disconnect": ("fastapi_disconnect", "CancelOnDisconnectMiddleware"),
     "aiofence": ("aiofence.contrib.starlette", "DisconnectMiddleware"),
 }
+#: The variant that measures the floor, and what every report says of its row.
+FLOOR = "passthrough"
+FLOOR_NOTE = "(floor: any pure ASGI middleware)"
+PASSTHROUGH_KEY = "bench.passthrough"  # the scope key of PassthroughMiddleware's state
+
+
+#: Where an earlier checkout of the package lives (``scripts/bench --before REV`` sets it):
+#: its observe and cancel modes then run as the variants ``observe-before`` and
+#: ``cancel-before``, alternated with today's in the same run.
+BEFORE_ENV = "BENCH_BEFORE"
+BEFORE_VARIANTS = ("observe-before", "cancel-before")
+
+
+def with_before(variants: Sequence[str]) -> tuple[str, ...]:
+    """``variants``, followed by the before-variants when ``BENCH_BEFORE`` names a checkout."""
+    return (*variants, *BEFORE_VARIANTS) if os.environ.get(BEFORE_ENV) else tuple(variants)
+
+
+def _before_package() -> Any:
+    """The package of the ``BENCH_BEFORE`` checkout, imported as ``asgi_disconnect_before``."""
+    name = "asgi_disconnect_before"
+    if name in sys.modules:
+        return sys.modules[name]
+    root = Path(os.environ[BEFORE_ENV]) / "asgi_disconnect"
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"{BEFORE_ENV}={os.environ[BEFORE_ENV]!r}: no asgi_disconnect package there")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its relative imports resolve under this name
+    spec.loader.exec_module(module)
+    return module
+
+
+def label(name: str) -> str:
+    """A variant's name as a report's row shows it: the floor says it is the floor."""
+    if name in BEFORE_VARIANTS:
+        return f"{name} ({os.environ.get('BENCH_BEFORE_REV', 'earlier checkout')})"
+    return f"{name} (floor)" if name == FLOOR else name
 
 
 def unavailable(variant: str) -> str | None:
@@ -84,14 +128,70 @@ class NoOpHTTPMiddleware(BaseHTTPMiddleware):
         return await call_next(request)
 
 
+class PassthroughState:
+    """What ``PassthroughMiddleware`` keeps per request: the least a middleware that
+    watches the response needs (has it ended, how much body went out)."""
+
+    __slots__ = ("bytes_sent", "done")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.bytes_sent = 0
+
+
+class PassthroughMiddleware:
+    """The floor that any correct pure ASGI middleware pays, measured as its own row.
+
+    It does what every middleware that watches a response must do, and nothing more:
+    for an ``http`` scope it copies the scope (a middleware must not change the
+    server's), adds one key (``PASSTHROUGH_KEY``) holding a small per-request object
+    (``PassthroughState``), and wraps ``send`` with an ``async def`` that refuses a
+    message once the response has ended (``OSError``, as a server does), counts the
+    response body bytes and notes the end of the response (the last
+    ``http.response.body``, without ``more_body``), then awaits the server's ``send``.
+    Any other scope (``websocket``, ``lifespan``) passes straight through.
+
+    It detects nothing: the gap between this row and ``observe`` / ``cancel`` is what
+    disconnect detection costs, and the gap between ``bare`` and this row is what no
+    pure ASGI middleware can avoid (an extra coroutine per request and per message).
+    """
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = PassthroughState()
+        scope = {**scope, PASSTHROUGH_KEY: state}
+
+        async def send_wrapper(message: Message) -> None:
+            if state.done:
+                raise OSError("the response has already ended")
+            if message["type"] == "http.response.body":
+                state.bytes_sent += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    state.done = True
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
 def wrap(variant: str, app: Starlette) -> ASGIApp:
     """Put ``variant``'s middleware in front of ``app`` (a fresh Starlette app)."""
     if variant == "bare":
         return app
+    if variant == "passthrough":
+        return PassthroughMiddleware(app)
     if variant in ("observe", "guard_stream"):
         return DisconnectMiddleware(app)
     if variant == "cancel":
         return DisconnectMiddleware(app, cancel=True)
+    if variant in BEFORE_VARIANTS:
+        return _before_package().DisconnectMiddleware(app, cancel=variant == "cancel-before")  # type: ignore[no-any-return]
     if variant == "basehttp":
         return NoOpHTTPMiddleware(app)
     if variant in PEERS:

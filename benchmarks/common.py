@@ -8,17 +8,18 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from asgi_disconnect import _loopback as loopback
+from asgi_disconnect._loopback import free_port as free_port  # the benchmarks import it from here
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
@@ -103,24 +104,10 @@ def skipped_rows(notes: dict[str, str], columns: int) -> list[list[str]]:
 # -- processes -----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def http_get(port: int, timeout: float = 1.0) -> tuple[int, bytes]:
     """One blocking ``GET /`` on a fresh connection: (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    raw = b"".join(chunks)
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body
+    response = loopback.get(port, timeout=timeout)
+    return response.status, response.body
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -195,68 +182,49 @@ def http_scope(
     }
 
 
+@dataclass
 class Server:
     """One uvicorn subprocess serving one variant's app on 127.0.0.1 (``apps.from_env``)."""
 
-    def __init__(self, name: str, variant: str, app: str, log_dir: Path, cpus: set[int] | None) -> None:
-        self.name = name
-        self.variant = variant
-        self.app = app
-        self.cpus = cpus
-        self.log_path = log_dir / f"uvicorn-{app}-{name}.log"
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self, port: int) -> list[str]:
-        return uvicorn_command(port)
-
-    def start(self, timeout: float = 20.0) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-            "BENCH_VARIANT": self.variant,
-            "BENCH_APP": self.app,
-        }
-        env.pop("WEB_CONCURRENCY", None)
-        for _attempt in range(3):  # the port may be taken between free_port() and uvicorn's bind
-            self.port = free_port()
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen(
-                    self.command(self.port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-                )
-            if self.cpus is not None:
-                # Before uvicorn has started any thread: its threads inherit the mask.
-                os.sched_setaffinity(self.proc.pid, self.cpus)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    status, body = http_get(self.port)
-                    if status == 200 and body == apps.BODY:
-                        return
-                    raise RuntimeError(f"{self.name}: server answered {status} {body[:80]!r}")
-                time.sleep(0.05)
-            self.stop()
-        log_tail = self.log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"uvicorn for {self.name!r} did not start; log {self.log_path}:\n{log_tail}")
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
 
     def cpu_seconds(self) -> float | None:
-        return None if self.proc is None else process_cpu_seconds(self.proc.pid)
+        return process_cpu_seconds(self.proc.pid)
 
     def rss_kib(self) -> int | None:
-        return None if self.proc is None else process_rss_kib(self.proc.pid)
+        return process_rss_kib(self.proc.pid)
 
-    def stop(self) -> None:
-        """Terminate by PID, then kill; every wait is bounded."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
+
+def start_server(
+    stack: contextlib.ExitStack, name: str, variant: str, app: str, log_dir: Path, cpus: set[int] | None
+) -> Server:
+    """Start uvicorn for ``name``, stopped by PID when ``stack`` closes; check that it answers."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "BENCH_VARIANT": variant,
+        "BENCH_APP": app,
+    }
+    env.pop("WEB_CONCURRENCY", None)
+    log_path = log_dir / f"uvicorn-{app}-{name}.log"
+    failure: loopback.ServerStartError | None = None
+    for _attempt in range(3):  # the port may be taken between free_port() and uvicorn's bind
+        port = free_port()
         try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+            proc = stack.enter_context(
+                loopback.run_process(uvicorn_command(port), port, output=log_path, env=env, cpus=cpus, start_timeout=20)
+            )
+        except loopback.ServerStartError as exc:
+            failure = exc
+            continue
+        status, body = http_get(port)
+        if status != 200 or body != apps.BODY:
+            raise RuntimeError(f"{name}: server answered {status} {body[:80]!r}")
+        return Server(name, port, proc)
+    assert failure is not None
+    raise RuntimeError(f"uvicorn for {name!r} did not start ({failure}); log {log_path}:\n{failure.output}")
 
 
 @contextlib.contextmanager
@@ -265,17 +233,8 @@ def servers(
 ) -> Iterator[dict[str, Server]]:
     """Start one server per name (``variant_of`` maps a name such as ``bare2`` to its
     variant), all up front; stop every one on the way out."""
-    with tempfile.TemporaryDirectory(prefix=f"bench-{app}-") as log_dir:
-        started: dict[str, Server] = {}
-        try:
-            for name in names:
-                server = Server(name, variant_of.get(name, name), app, Path(log_dir), cpus)
-                started[name] = server
-                server.start()
-            yield started
-        finally:
-            for server in started.values():
-                server.stop()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{app}-") as log_dir, contextlib.ExitStack() as stack:
+        yield {name: start_server(stack, name, variant_of.get(name, name), app, Path(log_dir), cpus) for name in names}
 
 
 @contextlib.contextmanager

@@ -8,10 +8,10 @@ Run from the repository root (``scripts/bench`` runs it with the other benchmark
 A real uvicorn (httptools) serves each variant's app in this process, on 127.0.0.1. A
 client in a separate process (no GIL shared with the server; its own CPU when there
 are two) sends a request, waits until the handler is busy, closes the connection (FIN:
-``shutdown()`` then ``close()``; RST: ``SO_LINGER`` 0 then ``close()``) and reports the
-``time.monotonic()`` of the close, a clock the two processes share. The server side
-notes when the handler heard. Handlers, per variant (``apps.py`` installs the
-middleware):
+``shutdown()`` then ``close()``; RST: ``SO_LINGER`` 0 then ``close()``; the loopback
+harness's ``request_then_leave``) and reports the ``time.monotonic()`` just before the
+close, a clock the two processes share. The server side notes when the handler
+heard. Handlers, per variant (``apps.py`` installs the middleware):
 
 - non-streaming, a handler that never reads and would work for 1 s:
   ``bare``, ``cancel``, ``fastapi-disconnect``: ``await anyio.sleep(1)``, heard when
@@ -43,9 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -55,7 +53,6 @@ from typing import Any
 
 import anyio
 import apps
-import uvicorn
 from common import begin_report, command_line, quantile, quiet_logs, table, write_results
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -63,6 +60,8 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from asgi_disconnect import DisconnectState, disconnect_state, guard_stream
+from asgi_disconnect import _loopback as loopback
+from asgi_disconnect._loopback import CloseKind
 
 BUDGET_P99_MS = 5.0
 BUDGET_CHUNKS = 1
@@ -86,6 +85,7 @@ HANDLERS = {
     ("aiofence", "stream"): "a fence per upstream await, or the listener",
 }
 VARIANTS = ("bare", "observe", "cancel", "guard_stream", "fastapi-disconnect", "aiofence")
+CLOSES: tuple[CloseKind, ...] = ("fin", "rst")
 CASES = (
     # (label, handler, path, streaming)
     ("non-streaming", "non-streaming", "/work", False),
@@ -197,23 +197,12 @@ def make_app(variant: str) -> Any:
 # -- the client, in its own process --------------------------------------------------
 
 
-def client_request(port: int, path: str, how: str, streaming: bool) -> float:
-    """One request that leaves early; returns the monotonic time of the close."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        if streaming:
-            data = b""
-            for _ in range(100):  # bounded: a few tokens, then leave
-                data += sock.recv(4096)
-                if data.count(b"token") >= 3:
-                    break
-        else:
-            time.sleep(0.02)  # the handler is working by now
-        if how == "rst":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        else:
-            sock.shutdown(socket.SHUT_RDWR)
-    return time.monotonic()
+def client_request(port: int, path: str, how: CloseKind, streaming: bool) -> float:
+    """One request that leaves early (after three tokens of a stream; else once the
+    handler is working, 20 ms in); returns the monotonic time of the close."""
+    if streaming:
+        return loopback.request_then_leave(port, path, until=b"token 2\n", how=how)
+    return loopback.request_then_leave(port, path, wait=0.02, how=how)
 
 
 def client_main() -> int:
@@ -222,8 +211,8 @@ def client_main() -> int:
     for line in sys.stdin:
         port, path, how, streaming = line.split()
         try:
-            closed = client_request(int(port), path, how, streaming == "1")
-        except OSError as exc:
+            closed = client_request(int(port), path, "rst" if how == "rst" else "fin", streaming == "1")
+        except (OSError, ValueError) as exc:
             print(f"error {exc!r}", flush=True)
             continue
         print(f"{closed!r}", flush=True)
@@ -321,31 +310,18 @@ async def measure(names: Sequence[str], requests: int, never_requests: int, cpus
     client = Client(cpus)
     try:
         for variant in names:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            config = uvicorn.Config(
-                make_app(variant), http="httptools", lifespan="off", log_level="error", timeout_graceful_shutdown=2
-            )
-            server = uvicorn.Server(config)
-            serving = asyncio.create_task(server.serve(sockets=[sock]))
-            for _ in range(500):
-                if server.started:
-                    break
-                await asyncio.sleep(0.01)
-            for label, handler, path, streaming in CASES:
-                if (variant, handler) not in HANDLERS:
-                    continue
-                # A handler nothing stops costs WORK_S a request: a few show it.
-                count = never_requests if (variant, handler) == ("bare", "non-streaming") else requests
-                for how in ("fin", "rst"):
-                    row = Row(variant, label, how)
-                    for _ in range(count):
-                        await measure_one(client, port, path, how, streaming, row)
-                    rows.append(row)
-                    print(format_row(row.summary(), text=True), flush=True)
-            server.should_exit = True
-            await asyncio.wait_for(serving, 15)
+            async with loopback.serve(make_app(variant), server="uvicorn-httptools", stop_timeout=2) as live:
+                for label, handler, path, streaming in CASES:
+                    if (variant, handler) not in HANDLERS:
+                        continue
+                    # A handler nothing stops costs WORK_S a request: a few show it.
+                    count = never_requests if (variant, handler) == ("bare", "non-streaming") else requests
+                    for how in CLOSES:
+                        row = Row(variant, label, how)
+                        for _ in range(count):
+                            await measure_one(client, live.port, path, how, streaming, row)
+                        rows.append(row)
+                        print(format_row(row.summary(), text=True), flush=True)
     finally:
         client.stop()
     return rows

@@ -20,29 +20,31 @@ B. Aborted requests (same subprocess, the same hand-made server): 10,000 request
    1,000 such requests as a warm-up. Growth of traced memory, of allocated blocks
    (``sys.getallocatedblocks()``) and of tracked objects over the 10,000.
 C. Aborted requests on a real uvicorn (httptools, one subprocess per variant, the
-   ``apps.stream_app`` routes): the same 10,000 requests from 32 asyncio clients that
-   leave after a random 0-4 ms with FIN or RST, after 1,000 as a warm-up; growth of the
-   server's resident set size (``VmRSS``), read 0.5 s after the last request.
+   ``apps.stream_app`` routes): the same 10,000 requests from 16 client threads (raw
+   sockets, ``_loopback.request_then_leave``) that leave after a random 0-4 ms with FIN
+   or RST, after 1,000 as a warm-up; growth of the server's resident set size
+   (``VmRSS``), read 0.5 s after the last request.
 
 Budget (DESIGN.md): bounded per in-flight request; after 10,000 requests with random
-aborts, no more growth than the bare app shows under the same load.
+aborts, no more growth than the bare app shows under the same load. The
+``passthrough (floor)`` row (``apps.PassthroughMiddleware``, right after bare) is what
+any correct pure ASGI middleware holds per request (a copied scope with one small object
+in it, a ``send`` wrapper): a reference with no budget, not a peer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import random
-import socket
-import struct
 import subprocess
 import sys
 import time
 import tracemalloc
 from collections.abc import MutableMapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import apps
@@ -61,8 +63,18 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-VARIANTS = ("bare", "observe", "cancel", "guard_stream", "fastapi-disconnect", "aiofence")
-INFLIGHT_VARIANTS = ("bare", "observe", "cancel", "fastapi-disconnect", "aiofence")  # no stream is parked
+from asgi_disconnect import _loopback as loopback
+from asgi_disconnect._loopback import CloseKind
+
+VARIANTS = ("bare", "passthrough", "observe", "cancel", "guard_stream", "fastapi-disconnect", "aiofence")
+INFLIGHT_VARIANTS = (
+    "bare",
+    "passthrough",
+    "observe",
+    "cancel",
+    "fastapi-disconnect",
+    "aiofence",
+)  # no stream is parked
 SEED = 20240601
 MAX_ABORT_DELAY_S = 0.004
 PATHS = ("/work", "/tokens")
@@ -238,39 +250,28 @@ def run_children(names: Sequence[str], inflight_requests: int, requests: int, wa
 # -- C. aborted requests, real server ------------------------------------------------
 
 
-async def leave_early(port: int, path: str, delay: float, rst: bool) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        if path == "/tokens":
-            await reader.read(1)  # the stream has begun: the server is not lagging behind
-        await asyncio.sleep(delay)
-        if rst:
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
-            return
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+def hammer(port: int, count: int, rng: random.Random, clients: int = 16) -> int:
+    """``count`` requests from ``clients`` concurrent clients (threads) that leave early,
+    half with a FIN, half with a RST; return the errors."""
+    plan: list[tuple[str, float, CloseKind]] = [
+        (PATHS[rng.randrange(2)], rng.uniform(0, MAX_ABORT_DELAY_S), "rst" if rng.random() < 0.5 else "fin")
+        for _ in range(count)
+    ]
 
-
-async def hammer(port: int, count: int, rng: random.Random, clients: int = 16) -> int:
-    """``count`` requests from ``clients`` concurrent clients that leave early; errors."""
-    plan = [(PATHS[rng.randrange(2)], rng.uniform(0, MAX_ABORT_DELAY_S), rng.random() < 0.5) for _ in range(count)]
-    errors = 0
-
-    async def worker(jobs: list[tuple[str, float, bool]]) -> None:
-        nonlocal errors
-        for path, delay, rst in jobs:
+    def worker(jobs: list[tuple[str, float, CloseKind]]) -> int:
+        errors = 0
+        for path, delay, how in jobs:
+            # On /tokens, the first bytes of the answer: the stream has begun, the server
+            # is not lagging behind.
+            until = b"HTTP/" if path == "/tokens" else None
             try:
-                await asyncio.wait_for(leave_early(port, path, delay, rst), 10)
-            except (OSError, TimeoutError):
+                loopback.request_then_leave(port, path, until=until, wait=delay, how=how, timeout=10)
+            except (OSError, ValueError):
                 errors += 1
+        return errors
 
-    await asyncio.gather(*(worker(plan[i::clients]) for i in range(clients)))
-    return errors
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        return sum(pool.map(worker, [plan[i::clients] for i in range(clients)]))
 
 
 def run_server(names: Sequence[str], requests: int, warmup: int, pin: bool) -> tuple[dict[str, Any], list[str]]:
@@ -281,10 +282,10 @@ def run_server(names: Sequence[str], requests: int, warmup: int, pin: bool) -> t
             server = running[name]
             rng = random.Random(SEED)
             began = time.perf_counter()
-            asyncio.run(hammer(server.port, warmup, rng))
+            hammer(server.port, warmup, rng)
             time.sleep(0.5)
             before = server.rss_kib()
-            errors = asyncio.run(hammer(server.port, requests, rng))
+            errors = hammer(server.port, requests, rng)
             time.sleep(0.5)
             after = server.rss_kib()
             results[name] = {
@@ -357,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = f"{per['traced_bytes'] - bare_a['traced_bytes']:+,.0f}" if bare_a and name != "bare" else ""
         inflight_rows.append(
             [
-                name,
+                apps.label(name),
                 f"{per['traced_bytes']:,.0f}",
                 extra,
                 f"{per['gc_objects']:.1f}",
@@ -379,13 +380,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         g = part["growth"]
         if name in apps.PEERS:
             verdict = "(peer)"
+        elif name == apps.FLOOR:
+            verdict = apps.FLOOR_NOTE
         elif name == "bare" or bare_b is None:
             verdict = ""
         else:
             verdict = "OK" if flat(g, bare_b, requests) else "OVER"
         aborted_rows.append(
             [
-                name,
+                apps.label(name),
                 f"{part['aborted_early']:,}",
                 kib(g["traced_bytes"]),
                 f"{g['allocated_blocks']:+,}",
@@ -406,12 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             grown = part["rss_growth_kib"]
             server_rows.append(
                 [
-                    name,
+                    apps.label(name),
                     f"{part['rss_kib_before']:,}" if part["rss_kib_before"] is not None else "n/a",
                     f"{grown:+,}" if grown is not None else "n/a",
                     f"{grown - bare_c:+,}" if grown is not None and bare_c is not None and name != "bare" else "",
                     str(part["errors"]),
-                    "(peer)" if name in apps.PEERS else "",
+                    "(peer)" if name in apps.PEERS else apps.FLOOR_NOTE if name == apps.FLOOR else "",
                 ]
             )
         headers_c = ["variant", "RSS before KiB", "RSS growth KiB", "vs bare", "client errors", ""]

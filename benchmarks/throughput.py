@@ -20,9 +20,13 @@ gets another. Each stream is one connection, ``GET /stream``, read with ``recv_i
 Reported per variant: the median MB/s (10^6 bytes), the median per-round ratio to bare,
 and the server's CPU time per MB (from ``/proc``) with its ratio to bare. ``bare2``, a
 second bare server, is the A/A control: its ratio is the noise of the run.
+``passthrough`` (``apps.PassthroughMiddleware``, shown as ``passthrough (floor)`` right
+after them) is the floor that any correct pure ASGI middleware pays: it copies the
+scope, adds a key and wraps ``send`` with a flag check, a byte count and end detection,
+so its row shows how much of a variant's cost per chunk no pure ASGI middleware avoids.
 
-DESIGN.md has no budget for streams; its 5% line for the hello world (``overhead.py``)
-is quoted for reference.
+DESIGN.md has no budget for streams; its 5% line for the hello world over uvicorn
+(``overhead.py``) is quoted for reference.
 """
 
 from __future__ import annotations
@@ -51,8 +55,11 @@ from common import (
     write_results,
 )
 
-# "bare2" is a second, identical bare app: an A/A control whose ratio to bare is the noise.
-VARIANTS = ("bare", "bare2", "observe", "cancel", "guard_stream", "fastapi-disconnect", "aiofence")
+from asgi_disconnect import _loopback as loopback
+
+# "bare2" is a second, identical bare app: an A/A control whose ratio to bare is the noise;
+# "passthrough" the floor that any correct pure ASGI middleware pays.
+VARIANTS = ("bare", "bare2", "passthrough", "observe", "cancel", "guard_stream", "fastapi-disconnect", "aiofence")
 VARIANT_OF = {"bare2": "bare"}
 REFERENCE_LOSS = 0.05
 
@@ -67,21 +74,12 @@ class Transfer:
         return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
-def open_stream(port: int, view: memoryview) -> socket.socket:
+def open_stream(port: int) -> socket.socket:
     """Connect, send ``GET /stream``, read past the response head; return the socket."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock = loopback.connect(port)
     try:
-        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        head = b""
-        for _ in range(100):  # bounded: the response head comes in the first few reads
-            n = sock.recv_into(view)
-            if n == 0:
-                raise OSError("server closed the stream")
-            head += bytes(view[:n])
-            if b"\r\n\r\n" in head:
-                break
-        else:
-            raise OSError(f"no response head: {head[:200]!r}")
+        sock.sendall(loopback.request_bytes("GET", "/stream"))
+        head = loopback.read_until(sock, b"\r\n\r\n", limit=1 << 16)
         if not head.startswith(b"HTTP/1.1 200 "):
             raise OSError(f"server answered {head[:200]!r}")
     except BaseException:
@@ -98,7 +96,7 @@ def stream_from(ports: Sequence[int], duration: float) -> list[Transfer]:
     socks = []
     try:
         for port in ports:
-            socks.append(open_stream(port, view))
+            socks.append(open_stream(port))
         totals = [0] * len(socks)
         with selectors.DefaultSelector() as selector:
             for index, sock in enumerate(socks):
@@ -190,16 +188,24 @@ def results_table(result: Results, skipped: dict[str, str]) -> tuple[str, str, d
             "loss": loss if name != "bare" else None,
             "loss_by_cpu": cpu_loss,
         }
+        if name in apps.PEERS:
+            note = "(peer)"
+        elif name == "bare2":
+            note = "(A/A control: noise)"
+        elif name == apps.FLOOR:
+            note = apps.FLOOR_NOTE
+        else:
+            note = ""
         rows.append(
             [
-                name,
+                apps.label(name),
                 f"{rs['median']:,.0f}",
                 ratio_cell(rs),
                 f"{loss:+.1%}" if name != "bare" else "",
                 f"{cs['median']:.3f}" if cs else "n/a",
                 ratio_cell(cs) if cs else "n/a",
                 f"{cpu_loss:+.1%}" if cpu_loss is not None else "",
-                "(peer)" if name in apps.PEERS else "(A/A control: noise)" if name == "bare2" else "",
+                note,
             ]
         )
     data |= {name: {"skipped": reason} for name, reason in skipped.items()}
@@ -267,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     md += [
         "Ratios are medians of per-round ratios to bare, [p25-p75] their spread; MB is 10^6 bytes. "
         f"DESIGN.md's {REFERENCE_LOSS:.0%} budget is for the hello world (overhead.md); it is not "
-        "a budget for streams.",
+        "a budget for streams. The passthrough (floor) row is what any correct pure ASGI middleware pays "
+        "(copy the scope, add a key, wrap send with a flag check, a byte count and end detection), not a peer.",
         "",
         *(f"- note: {n}" for n in notes),
         "",

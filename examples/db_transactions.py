@@ -11,17 +11,19 @@ work after each INSERT, in one transaction. 50 clients send an order and leave 0
 later, 10 at a time; the middleware cancels each abandoned handler. The handler's
 COMMIT, ROLLBACK and the return of its connection to the pool run inside ``shield()``,
 so the cancellation never cuts them off. Then it checks that every order has both
-parts or none, that no session is left "idle in transaction" (PostgreSQL), and that
-every pooled connection still works.
+parts or none, that no session is left "idle in transaction" (PostgreSQL), that every
+pooled connection still works, and that a connection was discarded only where a
+cancellation cut a statement off (never for a cancelled ROLLBACK or close).
 
 Needs asgi-disconnect, uvicorn, starlette, sqlalchemy[asyncio] and aiosqlite (asyncpg
 for PostgreSQL). It creates the table ``asgi_disconnect_demo_order_parts`` and drops it
 at the end.
 
 A cancellation that cuts a statement off mid-flight makes SQLAlchemy discard that
-connection (it cannot know the driver's state); the report counts them. On SQLite,
-SQLAlchemy 2.1 with aiosqlite 0.22 may then print "Task was destroyed but it is
-pending! ... _terminate_graceful_close()": an abandoned close task inside those two
+connection (it cannot know the driver's state); the report counts them, and the
+handlers cancelled mid-statement (each handler records the step it has reached). On
+SQLite, SQLAlchemy 2.1 with aiosqlite 0.22 may then print "Task was destroyed but it
+is pending! ... _terminate_graceful_close()": an abandoned close task inside those two
 libraries, not a connection or a transaction left open.
 """
 
@@ -37,10 +39,13 @@ import struct
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Literal
 
 import structlog
-import uvicorn
+from _measure import Serve
+from _support import serve
 from sqlalchemy import Column, Integer, MetaData, Table, event, func, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from starlette.applications import Starlette
@@ -55,7 +60,11 @@ CONCURRENCY = 10  # clients at a time
 POOL_SIZE = 5  # fewer than CONCURRENCY: handlers also queue for a connection
 WORK = 0.04  # seconds of slow work after each INSERT
 MAX_LEAVE_AFTER = 0.12  # a client leaves 0-120 ms after sending its order
-SEED = 7
+Close = Literal["fin", "rst"]
+CLOSES: tuple[Close, ...] = ("fin", "rst")  # how a client leaves, chosen at random
+SEED = 20240611
+SETTLE_WITHIN = 5.0  # at most this long for the handlers to end after the last client left
+QUIET = 0.2  # ...and no handler started or ended for this long
 
 metadata = MetaData()
 order_parts = Table(
@@ -65,17 +74,37 @@ order_parts = Table(
     Column("part", Integer, primary_key=True),
 )
 
+#: Where a handler can be when its client leaves; ``place_order`` records each step it reaches.
+CHECKOUT, INSERT_1, WORK_1, INSERT_2, WORK_2, COMMIT = (
+    "waiting for a connection",
+    "INSERT part 1",
+    "slow work 1",
+    "INSERT part 2",
+    "slow work 2",
+    "COMMIT",
+)
+MID_STATEMENT = {INSERT_1, INSERT_2}  # a cancellation here cuts a statement off mid-flight
 
-async def place_order(engine: AsyncEngine, order_id: int) -> None:
-    """Write both parts of order ``order_id`` in one transaction: both rows or none."""
+
+async def place_order(engine: AsyncEngine, order_id: int, steps: list[str]) -> None:
+    """Write both parts of order ``order_id`` in one transaction: both rows or none.
+
+    ``steps`` gets each step as the handler reaches it: where a cancellation landed.
+    """
     # Waiting for a pooled connection may be cancelled: nothing is held yet, nothing to undo.
+    steps.append(CHECKOUT)
     conn = await engine.connect()
     try:
         await conn.begin()
+        steps.append(INSERT_1)
         await conn.execute(order_parts.insert().values(order_id=order_id, part=1))
+        steps.append(WORK_1)
         await asyncio.sleep(WORK)  # slow work: a payment check, an upstream call...
+        steps.append(INSERT_2)
         await conn.execute(order_parts.insert().values(order_id=order_id, part=2))
+        steps.append(WORK_2)
         await asyncio.sleep(WORK)
+        steps.append(COMMIT)
         # A COMMIT cut off while the driver waits for the server's answer leaves us not
         # knowing whether the order exists. Inside shield() the middleware's cancellation
         # waits; it lands at the first await after the block.
@@ -100,68 +129,122 @@ async def place_order(engine: AsyncEngine, order_id: int) -> None:
 
 
 @dataclass
-class Stats:
-    running: int = 0
-    completed: int = 0
-    cancelled: int = 0  # handlers the middleware cancelled
-    discarded: int = 0  # pooled connections SQLAlchemy invalidated: a statement was cut off
+class Tally:
+    """What the handlers saw; ``wait_for_handlers`` waits for ``in_flight`` to drop to 0."""
+
+    in_flight: int = 0
+    started: int = 0
+    completed: int = 0  # committed and answered
+    cancelled_at: Counter[str] = field(default_factory=Counter)  # step -> handlers cancelled there
+    marked_cancelled: int = 0  # DisconnectState.cancelled was true when the handler ended
+    invalidated: int = 0  # pooled connections SQLAlchemy threw away (a statement was cut off)
     errors: list[str] = field(default_factory=list)
     last_change: float = field(default_factory=time.monotonic)
 
+    @property
+    def interrupted(self) -> int:
+        """Handlers that caught the middleware's cancellation."""
+        return self.cancelled_at.total()
 
-def build_app(engine: AsyncEngine, stats: Stats) -> DisconnectMiddleware:
+    @property
+    def cut_mid_statement(self) -> int:
+        return sum(self.cancelled_at[step] for step in MID_STATEMENT)
+
+    def summary(self) -> str:
+        return (
+            f"started={self.started} completed={self.completed} in_flight={self.in_flight} "
+            f"marked_cancelled={self.marked_cancelled} cancelled_at={dict(self.cancelled_at)} "
+            f"invalidated_connections={self.invalidated} errors={self.errors[:5]}"
+        )
+
+
+def build_app(engine: AsyncEngine, tally: Tally) -> DisconnectMiddleware:
     async def create_order(request: Request) -> PlainTextResponse:
+        state = disconnect_state(request.scope)
         order_id = int(request.path_params["order_id"])
-        stats.running += 1
-        stats.last_change = time.monotonic()
+        steps: list[str] = []
+        tally.in_flight += 1
+        tally.started += 1
+        tally.last_change = time.monotonic()
         try:
-            await place_order(engine, order_id)
+            await place_order(engine, order_id, steps)
         except asyncio.CancelledError:
-            if disconnect_state(request.scope).cancelled:
-                stats.cancelled += 1
+            tally.cancelled_at[steps[-1]] += 1  # place_order records its first step before any await
             raise
         except Exception as exc:
-            stats.errors.append(f"order {order_id}: {exc!r}")
+            tally.errors.append(f"order {order_id}: {exc!r}")
             raise
         finally:
-            stats.running -= 1
-            stats.last_change = time.monotonic()
-        stats.completed += 1
+            tally.in_flight -= 1
+            tally.marked_cancelled += state.cancelled
+            tally.last_change = time.monotonic()
+        tally.completed += 1
         return PlainTextResponse(f"order {order_id} placed\n", status_code=201)
 
     app = Starlette(routes=[Route("/orders/{order_id:int}", create_order, methods=["POST"])])
     return DisconnectMiddleware(app, cancel=True)
 
 
-def leave_mid_request(port: int, order_id: int, delay: float, reset: bool) -> None:
+def count_invalidations(engine: AsyncEngine, tally: Tally) -> None:
+    """Count in ``tally`` the pooled connections SQLAlchemy throws away."""
+
+    @event.listens_for(engine.sync_engine.pool, "invalidate")
+    def count_invalidation(*args: object) -> None:
+        tally.invalidated += 1
+
+
+# -- the clients, and what is left behind ---------------------------------------------------
+
+
+def leave_mid_request(port: int, order_id: int, delay: float, how: Close) -> None:
     """Send the order, then leave after ``delay`` seconds without reading the answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(f"POST /orders/{order_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode())
         time.sleep(delay)
-        if reset:  # an abortive close (RST), like a killed process or a dropped network
+        if how == "rst":  # an abortive close (RST), like a killed process or a dropped network
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         else:  # an orderly close (FIN), like a browser tab closed or a client timeout
             sock.shutdown(socket.SHUT_RDWR)
 
 
 async def abandon_orders(port: int) -> None:
+    """ORDERS clients, CONCURRENCY at a time, each leaving at a random (seeded) moment."""
     rng = random.Random(SEED)
-    plans = [(n, rng.uniform(0, MAX_LEAVE_AFTER), rng.random() < 0.5) for n in range(ORDERS)]
+    plans = [(n, rng.uniform(0, MAX_LEAVE_AFTER), rng.choice(CLOSES)) for n in range(ORDERS)]
     slots = asyncio.Semaphore(CONCURRENCY)
 
-    async def client(order_id: int, delay: float, reset: bool) -> None:
+    async def client(order_id: int, delay: float, how: Close) -> None:
         async with slots:
-            await asyncio.to_thread(leave_mid_request, port, order_id, delay, reset)
+            await asyncio.to_thread(leave_mid_request, port, order_id, delay, how)
 
     await asyncio.wait_for(asyncio.gather(*(client(*plan) for plan in plans)), timeout=30)
 
 
-async def wait_for_handlers(stats: Stats, within: float = 5.0, quiet: float = 0.2) -> None:
-    """Until no handler runs and none started or ended for ``quiet`` seconds (bounded)."""
-    for _ in range(int(within / 0.01)):
-        if not stats.running and time.monotonic() - stats.last_change >= quiet:
+async def wait_for_handlers(tally: Tally) -> None:
+    """Until no handler runs and none started or ended for QUIET seconds (at most SETTLE_WITHIN)."""
+    for _ in range(int(SETTLE_WITHIN / 0.01)):
+        if not tally.in_flight and time.monotonic() - tally.last_change >= QUIET:
             return
         await asyncio.sleep(0.01)
+
+
+async def serve_and_abandon(engine: AsyncEngine, tally: Tally, server: Serve = serve) -> None:
+    """Serve the app on ``server`` while the clients abandon their orders; wait for its handlers."""
+    async with server(build_app(engine, tally)) as port:
+        await abandon_orders(port)
+        await wait_for_handlers(tally)
+
+
+async def create_table(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.drop_all)
+        await conn.run_sync(metadata.create_all)
+
+
+async def parts_per_order(engine: AsyncEngine) -> dict[int, int]:
+    async with engine.connect() as conn:
+        result = await conn.execute(select(order_parts.c.order_id, func.count()).group_by(order_parts.c.order_id))
+        return {order: parts for order, parts in result}
 
 
 async def idle_in_transaction(engine: AsyncEngine) -> int | None:
@@ -187,28 +270,6 @@ async def pool_connections_ok(engine: AsyncEngine) -> int:
         return sum([await conn.scalar(text("SELECT 1")) == 1 for conn in conns])
 
 
-async def serve_and_abandon(engine: AsyncEngine, stats: Stats) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(build_app(engine, stats), lifespan="off", log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):  # at most 5 s to start
-            if server.started or serving.done():
-                break
-            await asyncio.sleep(0.01)
-        if not server.started:
-            raise RuntimeError("uvicorn did not start within 5 s")
-        await abandon_orders(port)
-        await wait_for_handlers(stats)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, timeout=10)
-        sock.close()
-
-
 async def main() -> int:
     # The middleware logs one structlog event per abort; 50 of them would bury the report.
     # A real app routes them to its logs; the library itself never configures structlog.
@@ -223,21 +284,13 @@ async def main() -> int:
 
 
 async def run(engine: AsyncEngine, url: str) -> int:
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.drop_all)
-        await conn.run_sync(metadata.create_all)
-    stats = Stats()
-
-    @event.listens_for(engine.sync_engine.pool, "invalidate")
-    def count_discarded(*args: object) -> None:
-        stats.discarded += 1
-
+    await create_table(engine)
+    tally = Tally()
+    count_invalidations(engine, tally)
     try:
-        await serve_and_abandon(engine, stats)
-        async with engine.connect() as conn:
-            result = await conn.execute(select(order_parts.c.order_id, func.count()).group_by(order_parts.c.order_id))
-            parts_per_order = {order: parts for order, parts in result}
-        half_written = sum(1 for parts in parts_per_order.values() if parts != 2)
+        await serve_and_abandon(engine, tally)
+        parts = await parts_per_order(engine)
+        half_written = sum(1 for count in parts.values() if count != 2)
         idle = await idle_in_transaction(engine)
         pool_ok = await asyncio.wait_for(pool_connections_ok(engine), timeout=10)
     finally:
@@ -246,21 +299,23 @@ async def run(engine: AsyncEngine, url: str) -> int:
 
     print(f"DisconnectMiddleware(cancel=True) on uvicorn, database {make_url(url)!r}")
     print(f"  requests sent:          {ORDERS} (each client left 0-{MAX_LEAVE_AFTER * 1000:.0f} ms later)")
-    print(f"  orders aborted:         {ORDERS - len(parts_per_order)} (no rows written)")
-    print(f"  orders committed:       {len(parts_per_order)}")
-    print(f"  handlers cancelled:     {stats.cancelled}")
+    print(f"  orders aborted:         {ORDERS - len(parts)} (no rows written)")
+    print(f"  orders committed:       {len(parts)}")
+    print(f"  handlers cancelled:     {tally.interrupted} ({tally.cut_mid_statement} mid-statement)")
     print(f"  rows half-written:      {half_written}")
-    print(f"  connections discarded:  {stats.discarded} (cancelled mid-statement; the pool opened new ones)")
+    print(f"  connections discarded:  {tally.invalidated} (cancelled mid-statement; the pool opened new ones)")
     print(f"  idle in transaction:    {'n/a (PostgreSQL only)' if idle is None else idle}")
     print(f"  pooled connections OK:  {pool_ok}/{POOL_SIZE} (all checked out at once, SELECT 1 on each)")
-    if stats.running or stats.errors:
-        print(f"  still running: {stats.running}; errors: {stats.errors[:5]}")
+    if tally.in_flight or tally.errors:
+        print(f"  still running: {tally.in_flight}; errors: {tally.errors[:5]}")
     if "DATABASE_URL" not in os.environ:
         print(
             "Against PostgreSQL: DATABASE_URL=postgresql+asyncpg://USER:PASSWORD@127.0.0.1:5432/DB "
             "python examples/db_transactions.py"
         )
-    ok = not stats.running and not stats.errors and half_written == 0 and not idle and pool_ok == POOL_SIZE
+    ok = not tally.in_flight and not tally.errors and half_written == 0 and not idle and pool_ok == POOL_SIZE
+    # Shielded, a ROLLBACK or a close is never cut off: only a statement cut off discards a connection.
+    ok = ok and tally.invalidated <= tally.cut_mid_statement
     return 0 if ok else 1
 
 

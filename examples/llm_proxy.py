@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _measure import Serve, at_most, report, seconds, wait_until
 from _support import read_then_abort, serve
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -98,10 +99,10 @@ def build_proxy(client: httpx.AsyncClient, upstream: str, traces: dict[str, Trac
 
 
 @contextlib.contextmanager
-def upstream_process() -> Iterator[str]:
+def upstream_process(max_seconds: float = 120) -> Iterator[str]:
     """Start the fake upstream on a free loopback port; yield its base URL; stop it."""
     proc = subprocess.Popen(
-        [sys.executable, str(UPSTREAM_SCRIPT), "--port", "0", "--exit-on-stdin-eof", "--max-seconds", "120"],
+        [sys.executable, str(UPSTREAM_SCRIPT), "--port", "0", "--exit-on-stdin-eof", "--max-seconds", str(max_seconds)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -134,7 +135,7 @@ class Result:
     tokens_after_abort: int  # produced upstream after the client left
     tokens_after_detection: int | None  # ... after the proxy detected it (middleware only)
     produced: int  # by the upstream for this stream, in all
-    received: int  # by the proxy
+    trace: Trace  # what the relay recorded
 
 
 async def upstream_stats(client: httpx.AsyncClient, upstream: str, stream_id: str, since: float) -> dict[str, Any]:
@@ -143,18 +144,16 @@ async def upstream_stats(client: httpx.AsyncClient, upstream: str, stream_id: st
     return stream
 
 
-async def run(upstream: str, guarded: bool) -> Result:
+async def run(upstream: str, guarded: bool, server: Serve = serve) -> Result:
+    """Serve the proxy on ``server``; a client reads a few tokens and aborts; measure what follows."""
     traces: dict[str, Trace] = {}
     stream_id = uuid.uuid4().hex
     async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
-        async with serve(build_proxy(client, upstream, traces, guarded)) as port:
+        async with server(build_proxy(client, upstream, traces, guarded)) as port:
             marker = f"tok{READ_TOKENS - 1}\n".encode()
             left_at = await asyncio.to_thread(read_then_abort, port, f"/chat?id={stream_id}", marker)
             trace = traces[stream_id]
-            for _ in range(200):  # at most ~1 s for the relay's finally
-                if trace.finally_at is not None:
-                    break
-                await asyncio.sleep(0.005)
+            await wait_until(lambda: trace.finally_at is not None, FINALLY_WITHIN)
             deadline = left_at + UPSTREAM_CLOSED_WITHIN
             stats = await upstream_stats(client, upstream, stream_id, left_at)
             for _ in range(200):  # each poll is a request: bounded by count and by time
@@ -174,42 +173,35 @@ async def run(upstream: str, guarded: bool) -> Result:
         tokens_after_abort=stats["produced_since"],
         tokens_after_detection=after_detection,
         produced=stats["produced"],
-        received=trace.received,
+        trace=trace,
     )
-
-
-def seconds(value: float | None) -> str:
-    return "never" if value is None else f"{value * 1000:.1f} ms"
 
 
 def main() -> int:
     with upstream_process() as upstream:
         guarded = asyncio.run(run(upstream, guarded=True))
         bare = asyncio.run(run(upstream, guarded=False))
-    print(f"the client reads {READ_TOKENS} tokens of {TOKENS} (one every 5 ms), then aborts (RST)")
-    print(f"{'':34}{'asgi-disconnect':>18}{'bare Starlette':>18}")
     rows = [
         ("relay finally after the abort", seconds(guarded.finally_after), seconds(bare.finally_after)),
         ("upstream stream closed after", seconds(guarded.upstream_closed_after), seconds(bare.upstream_closed_after)),
         ("upstream tokens after the abort", str(guarded.tokens_after_abort), str(bare.tokens_after_abort)),
         ("... after detection", str(guarded.tokens_after_detection), "n/a"),
         ("upstream tokens produced", str(guarded.produced), str(bare.produced)),
-        ("tokens the proxy received", str(guarded.received), str(bare.received)),
+        ("tokens the proxy received", str(guarded.trace.received), str(bare.trace.received)),
     ]
-    for label, left, right in rows:
-        print(f"{label:34}{left:>18}{right:>18}")
-    failures = []
-    if guarded.finally_after is None or guarded.finally_after > FINALLY_WITHIN:
-        failures.append(f"the relay's finally did not run within {FINALLY_WITHIN} s")
-    if guarded.upstream_closed_after is None or guarded.upstream_closed_after > UPSTREAM_CLOSED_WITHIN:
-        failures.append(f"the upstream still had the stream open {UPSTREAM_CLOSED_WITHIN} s after the abort")
-    if guarded.tokens_after_detection is None or guarded.tokens_after_detection > MAX_TOKENS_AFTER_DETECTION:
-        failures.append(f"the upstream produced {guarded.tokens_after_detection} tokens after detection")
-    for failure in failures:
-        print(f"FAILED: {failure}")
-    if not failures:
-        print("OK: with asgi-disconnect the upstream stream stopped at once")
-    return 1 if failures else 0
+    checks = [
+        (at_most(guarded.finally_after, FINALLY_WITHIN), f"the relay's finally did not run within {FINALLY_WITHIN} s"),
+        (
+            at_most(guarded.upstream_closed_after, UPSTREAM_CLOSED_WITHIN),
+            f"the upstream still had the stream open {UPSTREAM_CLOSED_WITHIN} s after the abort",
+        ),
+        (
+            at_most(guarded.tokens_after_detection, MAX_TOKENS_AFTER_DETECTION),
+            f"the upstream produced {guarded.tokens_after_detection} tokens after detection",
+        ),
+    ]
+    title = f"the client reads {READ_TOKENS} tokens of {TOKENS} (one every 5 ms), then aborts (RST)"
+    return report(title, rows, checks, "with asgi-disconnect the upstream stream stopped at once")
 
 
 if __name__ == "__main__":

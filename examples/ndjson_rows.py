@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
+from _measure import Serve, at_most, report, seconds, wait_until
 from _support import read_then_abort, serve
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -51,6 +52,7 @@ BATCH = 1000  # rows per fetch, one chunk of the response
 BATCH_DELAY = 0.01  # seconds before each fetch: a slow query
 READ_ROWS = 2500  # the client leaves once it has seen this row id
 CLOSED_WITHIN = 1.0  # seconds from the abort to the cursor and connection being closed
+RELEASED_WITHIN = 2.0  # seconds more for each effect to be seen from outside: the lock, the thread
 WORKER = "_connection_worker_thread"  # aiosqlite's thread target, part of the thread's name
 
 
@@ -137,28 +139,21 @@ class Result:
     connection_closed_after: float | None
     database_free: bool  # a second connection could take an EXCLUSIVE lock
     worker_thread_ended: bool
-    batches: int  # produced in all
     batches_after_detection: int | None
+    trace: Trace  # what the generator recorded
 
 
-async def run(path: Path, guarded: bool) -> Result:
+async def run(path: Path, guarded: bool, server: Serve = serve) -> Result:
+    """Serve the app on ``server``; a client reads a few batches and aborts; measure what follows."""
     traces: list[Trace] = []
     threads_before = worker_threads()
-    async with serve(build_app(path, traces, guarded)) as port:
+    async with server(build_app(path, traces, guarded)) as port:
         marker = f'{{"id": {READ_ROWS},'.encode()
         left_at = await asyncio.to_thread(read_then_abort, port, "/rows", marker)
         trace = traces[0]
-        for _ in range(100):  # at most ~1 s for the cursor and the connection to close
-            if trace.connection_closed_at is not None:
-                break
-            await asyncio.sleep(0.01)
-        free = ended = False
-        for _ in range(100):  # at most ~1 s more for the effects to be seen from outside
-            free = database_is_free(path)
-            ended = not (worker_threads() - threads_before)
-            if free and ended:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: trace.connection_closed_at is not None, CLOSED_WITHIN)
+        free = await wait_until(lambda: database_is_free(path), RELEASED_WITHIN)
+        ended = await wait_until(lambda: not worker_threads() - threads_before, RELEASED_WITHIN)
         after_detection = None
         if trace.state is not None and trace.state.detected_at is not None:
             detected_at = trace.state.detected_at
@@ -168,15 +163,11 @@ async def run(path: Path, guarded: bool) -> Result:
     return Result(
         cursor_closed_after=None if trace.cursor_closed_at is None else trace.cursor_closed_at - left_at,
         connection_closed_after=None if trace.connection_closed_at is None else trace.connection_closed_at - left_at,
-        database_free=free,
-        worker_thread_ended=ended,
-        batches=len(trace.batches_at),
+        database_free=free is not None,
+        worker_thread_ended=ended is not None,
         batches_after_detection=after_detection,
+        trace=trace,
     )
-
-
-def seconds(value: float | None) -> str:
-    return "never" if value is None else f"{value * 1000:.1f} ms"
 
 
 async def main() -> int:
@@ -185,33 +176,29 @@ async def main() -> int:
         await asyncio.to_thread(create_table, path)
         guarded = await run(path, guarded=True)
         bare = await run(path, guarded=False)
-    print(f"the client reads {READ_ROWS} of {ROWS} rows ({BATCH} per batch, one every 10 ms+), then aborts (RST)")
-    print(f"{'':34}{'asgi-disconnect':>18}{'bare Starlette':>18}")
     rows = [
         ("cursor closed after the abort", seconds(guarded.cursor_closed_after), seconds(bare.cursor_closed_after)),
         ("connection closed after", seconds(guarded.connection_closed_after), seconds(bare.connection_closed_after)),
         ("EXCLUSIVE lock available", str(guarded.database_free), str(bare.database_free)),
         ("aiosqlite thread ended", str(guarded.worker_thread_ended), str(bare.worker_thread_ended)),
-        ("batches produced", str(guarded.batches), str(bare.batches)),
+        ("batches produced", str(len(guarded.trace.batches_at)), str(len(bare.trace.batches_at))),
         ("batches after detection", str(guarded.batches_after_detection), "n/a"),
     ]
-    for label, left, right in rows:
-        print(f"{label:34}{left:>18}{right:>18}")
-    failures = []
-    for what, after in (("cursor", guarded.cursor_closed_after), ("connection", guarded.connection_closed_after)):
-        if after is None or after > CLOSED_WITHIN:
-            failures.append(f"the {what} was not closed within {CLOSED_WITHIN} s")
-    if not guarded.database_free:
-        failures.append("another connection still holds a lock on the database")
-    if not guarded.worker_thread_ended:
-        failures.append("aiosqlite's worker thread is still running")
-    if guarded.batches_after_detection is None or guarded.batches_after_detection > 1:
-        failures.append(f"{guarded.batches_after_detection} batches produced after detection")
-    for failure in failures:
-        print(f"FAILED: {failure}")
-    if not failures:
-        print("OK: with asgi-disconnect the cursor and the connection were closed at once")
-    return 1 if failures else 0
+    checks = [
+        (at_most(guarded.cursor_closed_after, CLOSED_WITHIN), f"the cursor was not closed within {CLOSED_WITHIN} s"),
+        (
+            at_most(guarded.connection_closed_after, CLOSED_WITHIN),
+            f"the connection was not closed within {CLOSED_WITHIN} s",
+        ),
+        (guarded.database_free, "another connection still holds a lock on the database"),
+        (guarded.worker_thread_ended, "aiosqlite's worker thread is still running"),
+        (
+            at_most(guarded.batches_after_detection, 1),
+            f"{guarded.batches_after_detection} batches produced after detection",
+        ),
+    ]
+    title = f"the client reads {READ_ROWS} of {ROWS} rows ({BATCH} per batch, one every 10 ms+), then aborts (RST)"
+    return report(title, rows, checks, "with asgi-disconnect the cursor and the connection were closed at once")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _measure import Serve, at_most, report, seconds, wait_until
 from _support import read_then_abort, serve
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -73,7 +74,12 @@ async def stop_child(proc: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
 
 
-async def child_output(trace: Trace) -> AsyncIterator[bytes]:
+async def child_output(trace: Trace, *, shielded: bool = True) -> AsyncIterator[bytes]:
+    """The child's stdout, a line a chunk; its ``finally`` stops and reaps the child.
+
+    ``shielded=False`` drops the shield: tests/test_scenarios.py uses it to show that, with
+    no framework listener involved, ``guard_stream`` alone lets the cleanup complete.
+    """
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-u", "-c", CHILD, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
     )
@@ -92,7 +98,7 @@ async def child_output(trace: Trace) -> AsyncIterator[bytes]:
         # Starlette's own disconnect listener) lands at every await until the generator
         # is done, cleanup awaits included. Unshielded, the bounded wait below would be
         # cut short, SIGKILL never sent, and a child that ignores SIGTERM would live on.
-        with shield():
+        with shield() if shielded else contextlib.nullcontext():
             trace.returncode = await stop_child(proc)
 
 
@@ -137,82 +143,71 @@ def kill_leftover(pid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+async def wait_gone(pid: int) -> tuple[str, float | None]:
+    """Wait (bounded) for ``pid`` to be gone; kill a leftover; return its last state and when it was gone."""
+    gone_at = await wait_until(lambda: pid_state(pid) == "gone", GONE_WITHIN)
+    state = pid_state(pid)
+    if state == "running":  # a leaked child: report it, then do not leave it behind
+        kill_leftover(pid)
+    return state, gone_at
+
+
 @dataclass
 class Result:
-    pid: int
     finally_after: float | None  # seconds from the abort to the generator's finally
     gone_after: float | None  # seconds from the abort to the PID being gone
     last_seen: str  # the child's state at the end of the wait
-    returncode: int | None  # as reaped by the finally, if it got that far
     lines_after_detection: int | None
+    trace: Trace  # what the generator recorded: the PID, and the exit code if it reaped the child
 
 
-async def run(guarded: bool) -> Result:
+async def run(guarded: bool, server: Serve = serve) -> Result:
+    """Serve the app on ``server``; a client reads a few lines and aborts; measure what follows."""
     traces: list[Trace] = []
-    async with serve(build_app(traces, guarded)) as port:
+    async with server(build_app(traces, guarded)) as port:
         left_at = await asyncio.to_thread(read_then_abort, port, "/tail", f"line {READ_LINES - 1}\n".encode())
         trace = traces[0]
         assert trace.pid is not None
-        for _ in range(100):  # at most ~1 s for the finally
-            if trace.finally_at is not None:
-                break
-            await asyncio.sleep(0.01)
-        gone_at = None
-        state = pid_state(trace.pid)
-        for _ in range(200):  # at most ~2 s for the child to be gone
-            state = pid_state(trace.pid)
-            if state == "gone":
-                gone_at = time.monotonic()
-                break
-            await asyncio.sleep(0.01)
-        if state == "running":  # a leaked child: report it, then do not leave it behind
-            kill_leftover(trace.pid)
+        await wait_until(lambda: trace.finally_at is not None, FINALLY_WITHIN)
+        state, gone_at = await wait_gone(trace.pid)
+        await wait_until(lambda: trace.returncode is not None, FINALLY_WITHIN)
         after_detection = None
         if trace.state is not None and trace.state.detected_at is not None:
             detected_at = trace.state.detected_at
             after_detection = sum(1 for t in trace.lines_at if t > detected_at)
     return Result(
-        pid=trace.pid,
         finally_after=None if trace.finally_at is None else trace.finally_at - left_at,
         gone_after=None if gone_at is None else gone_at - left_at,
         last_seen=state,
-        returncode=trace.returncode,
         lines_after_detection=after_detection,
+        trace=trace,
     )
-
-
-def seconds(value: float | None) -> str:
-    return "never" if value is None else f"{value * 1000:.1f} ms"
 
 
 async def main() -> int:
     guarded = await run(guarded=True)
     bare = await run(guarded=False)
-    print(f"the client reads {READ_LINES} lines of the child's output (one every 10 ms), then aborts (RST)")
-    print(f"{'':34}{'asgi-disconnect':>18}{'bare Starlette':>18}")
     rows = [
         ("generator finally after the abort", seconds(guarded.finally_after), seconds(bare.finally_after)),
         ("child PID gone after", seconds(guarded.gone_after), seconds(bare.gone_after)),
         ("child state at the end", guarded.last_seen, bare.last_seen),
-        ("exit code seen by the finally", str(guarded.returncode), str(bare.returncode)),
+        ("exit code seen by the finally", str(guarded.trace.returncode), str(bare.trace.returncode)),
         ("lines after detection", str(guarded.lines_after_detection), "n/a"),
     ]
-    for label, left, right in rows:
-        print(f"{label:34}{left:>18}{right:>18}")
-    failures = []
-    if guarded.finally_after is None or guarded.finally_after > FINALLY_WITHIN:
-        failures.append(f"the generator's finally did not run within {FINALLY_WITHIN} s")
-    if guarded.gone_after is None or guarded.gone_after > GONE_WITHIN:
-        failures.append(f"child {guarded.pid} is still {guarded.last_seen} {GONE_WITHIN} s after the abort")
-    if guarded.returncode is None:
-        failures.append("the finally did not reap the child")
-    if guarded.lines_after_detection is None or guarded.lines_after_detection > 1:
-        failures.append(f"{guarded.lines_after_detection} lines passed on after detection")
-    for failure in failures:
-        print(f"FAILED: {failure}")
-    if not failures:
-        print("OK: with asgi-disconnect the child was terminated and reaped at once")
-    return 1 if failures else 0
+    checks = [
+        (
+            at_most(guarded.finally_after, FINALLY_WITHIN),
+            f"the generator's finally did not run within {FINALLY_WITHIN} s",
+        ),
+        (
+            at_most(guarded.gone_after, GONE_WITHIN),
+            f"child {guarded.trace.pid} is still {guarded.last_seen} {GONE_WITHIN} s after the abort",
+        ),
+        (guarded.trace.returncode is not None, "the finally did not reap the child"),
+        (at_most(guarded.lines_after_detection, 1), f"{guarded.lines_after_detection} lines passed on after detection"),
+    ]
+    title = f"the client reads {READ_LINES} lines of the child's output (one every 10 ms), then aborts (RST)"
+    return report(title, rows, checks, "with asgi-disconnect the child was terminated and reaped at once")
 
 
 if __name__ == "__main__":

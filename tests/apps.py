@@ -14,7 +14,7 @@ from __future__ import annotations
 import anyio
 
 from asgi_disconnect import DisconnectMiddleware
-from asgi_disconnect._doctor import _lifespan  # the doctor's probe app answers lifespan the same way
+from asgi_disconnect._tools.doctor import _lifespan  # the doctor's probe app answers lifespan the same way
 from asgi_disconnect._types import Receive, Scope, Send
 
 STREAM_CHUNKS = 250

@@ -19,9 +19,9 @@ renamed = types.ModuleType(real.__name__)
 renamed.__dict__.update({name: value for name, value in vars(real).items() if name != "_task_states"})
 anyio._backends._asyncio = renamed
 
-import asgi_disconnect._cancel  # noqa: E402 - after the internals are hidden
+import asgi_disconnect._fastpath  # noqa: E402 - after the internals are hidden
 
-assert not asgi_disconnect._cancel.FAST, "the fast path should have been turned off"
+assert not asgi_disconnect._fastpath.ENABLED, "the fast path should have been turned off"
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import CodeType, TracebackType
 
 import anyio
 import anyio.lowlevel
+import pytest
+from _pytest.mark import ParameterSet
 from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -111,43 +113,69 @@ def oserror_group() -> BaseException:
     return ExceptionGroup("the app's task group failed", [FileNotFoundError(2, "No such file", "/srv/missing.csv")])
 
 
+def base_exception_group() -> BaseException:
+    return BaseExceptionGroup("the app's group", [app_abort()])
+
+
+#: Every kind of error, by the name the test ids give it.
+ERRORS: dict[str, ErrorFactory] = {
+    # A plain bug.
+    "ValueError": value_error,
+    # The app's own OSErrors, which no departure caused: a missing file, a refused upstream,
+    # a timeout of its own.
+    "FileNotFoundError": file_not_found,
+    "ConnectionRefusedError": connection_refused,
+    "TimeoutError": timeout_error,
+    # Not an Exception: servers catch it all the same; trio's task group must not wrap it
+    # in a BaseExceptionGroup.
+    "BaseException": app_abort,
+    # The app's own task group failed.
+    "ExceptionGroup": exception_group,
+    # A group of one: all its members are OSErrors, none caused by a departure.
+    "ExceptionGroup-of-OSError": oserror_group,
+    # A group of BaseExceptions: not an Exception either.
+    "BaseExceptionGroup": base_exception_group,
+}
+
+
+#: The app's own errors that every test of them raises, before or after its response start.
+OWN_ERRORS = "ValueError FileNotFoundError ConnectionRefusedError TimeoutError BaseException ExceptionGroup".split()
+
+
+def error_params(
+    names: Iterable[str], raising: Callable[[ErrorFactory], Factory] | None = None, prefix: str = ""
+) -> list[ParameterSet]:
+    """A ``pytest.param`` per named error: its factory, or the app ``raising(factory)``; its id ``prefix + name``."""
+    return [
+        pytest.param(ERRORS[name] if raising is None else raising(ERRORS[name]), id=prefix + name) for name in names
+    ]
+
+
 # -- raw ASGI apps that break the protocol -----------------------------------------------------
 
 
-def second_start(rec: Recorder) -> ASGIApp:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send(START)
-        try:
-            await send(START)
-        except BaseException as exc:  # the server's own error about the second start
-            rec.keep(exc)
-            raise
+def sends(*messages: Message) -> Factory:
+    """An app that sends ``messages`` in turn and lets out the server's error about the last one."""
+    *first, last = messages
 
-    return app
+    def factory(rec: Recorder) -> ASGIApp:
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            for message in first:
+                await send(message)
+            try:
+                await send(last)
+            except BaseException as exc:  # the server's own error about the message
+                rec.keep(exc)
+                raise
 
+        return app
 
-def body_before_start(rec: Recorder) -> ASGIApp:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await send(BODY)
-        except BaseException as exc:
-            rec.keep(exc)
-            raise
-
-    return app
+    return factory
 
 
-def send_after_complete(rec: Recorder) -> ASGIApp:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send(START)
-        await send(BODY)
-        try:
-            await send(BODY)
-        except BaseException as exc:
-            rec.keep(exc)
-            raise
-
-    return app
+second_start = sends(START, START)
+body_before_start = sends(BODY)
+send_after_complete = sends(START, BODY, BODY)
 
 
 def return_without_response(rec: Recorder) -> ASGIApp:

@@ -7,7 +7,7 @@ from typing import Any
 
 import anyio
 
-from asgi_disconnect._types import Message, Scope
+from asgi_disconnect._types import ASGIApp, Message, Scope
 
 
 def http_scope(
@@ -78,3 +78,16 @@ class Peer:
     @property
     def body(self) -> bytes:
         return b"".join(m.get("body", b"") for m in self.sent if m["type"] == "http.response.body")
+
+
+async def abort_after(app: ASGIApp, peer: Peer, delay: float = 0.05, path: str = "/") -> None:
+    """Run ``app`` for one request on ``peer``, whose client leaves after ``delay`` seconds (5 s at most in all)."""
+
+    async def leave() -> None:
+        await anyio.sleep(delay)
+        peer.disconnect()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leave)
+        with anyio.fail_after(5):
+            await app(http_scope(path=path), peer.receive, peer.send)

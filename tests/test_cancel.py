@@ -17,24 +17,11 @@ from starlette.routing import Route
 from structlog.testing import capture_logs
 
 from asgi_disconnect import DisconnectMiddleware, DisconnectState, disconnect_state, shield
-from asgi_disconnect._cancel import anyio_shielded
-from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
-from tests.peer import Peer, http_scope
+from asgi_disconnect._fastpath import anyio_shielded
+from asgi_disconnect._types import Receive, Scope, Send
+from tests.peer import Peer, abort_after, http_scope
 
 pytestmark = pytest.mark.anyio
-
-
-async def abort_after(app: ASGIApp, peer: Peer, delay: float = 0.05, path: str = "/") -> None:
-    """Run ``app`` for one request whose client leaves after ``delay`` seconds."""
-
-    async def leave() -> None:
-        await anyio.sleep(delay)
-        peer.disconnect()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(leave)
-        with anyio.fail_after(5):
-            await app(http_scope(path=path), peer.receive, peer.send)
 
 
 async def test_handler_is_cancelled_when_the_client_leaves() -> None:

@@ -102,7 +102,7 @@ def test_no_command_prints_the_usage() -> None:
 def test_demo_without_uvicorn_says_what_to_install() -> None:
     code = (
         "import sys; sys.modules['uvicorn'] = None\n"  # as if the [demo] extra were not installed
-        "from asgi_disconnect._cli import main; raise SystemExit(main(['demo']))"
+        "from asgi_disconnect._tools.cli import main; raise SystemExit(main(['demo']))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1

@@ -58,17 +58,17 @@ from django.core import signals
 from django.db.backends.signals import connection_created  # type: ignore[import-untyped]
 
 from asgi_disconnect import DisconnectMiddleware
-from asgi_disconnect._middleware import LISTEN_WINDOW
+from asgi_disconnect._request import LISTEN_WINDOW
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
 
 from . import django_app
 from .django_app import BUSY_LOOKUP, probe
+from .helpers import CLOSES, Close, Records, fetch, recording
 from .servers import (
     Outermost,
     ServerKind,
     close,
     raw_connection,
-    read_response,
     read_then_leave,
     request_bytes,
     run_server,
@@ -78,8 +78,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
 Mode = Literal["bare", "observe", "cancel"]
 MODES: tuple[Mode, ...] = ("bare", "observe", "cancel")
-Close = Literal["fin", "rst"]
-CLOSES: tuple[Close, ...] = ("fin", "rst")
 KIND: ServerKind = "uvicorn-httptools"  # what uvicorn runs by default when httptools is installed
 LOGGERS = ("uvicorn", "django", "asyncio")
 SETTLE_WITHIN = 5.0  # seconds at most for the server side to finish after the clients
@@ -99,15 +97,6 @@ def django_asgi(tmp_path_factory: pytest.TempPathFactory) -> ASGIApp:
     return django_app.configure(tmp_path_factory.mktemp("django"))
 
 
-class ErrorRecords(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 class Lifecycle:
     """Django's lifecycle as the signals, the body files and the database connections show it."""
 
@@ -117,7 +106,7 @@ class Lifecycle:
         self.finished = 0
         self.body_files: list[tempfile.SpooledTemporaryFile[bytes]] = []
         self.connections: list[Any] = []  # django.db.backends.base.base.BaseDatabaseWrapper
-        self.errors = ErrorRecords()
+        self.errors = Records(logging.ERROR)
         self.recorder: Outermost | None = None
         self.abandoned = 0  # Django's listener and view tasks, abandoned by their handler
 
@@ -261,19 +250,15 @@ async def serve(
 ) -> AsyncIterator[int]:
     """Serve the Django app (wrapped for ``mode``) for one test; record ERROR logs until its requests settled."""
     life.recorder = Outermost(wrap(django_asgi, mode, grace))
-    loggers = [logging.getLogger(name) for name in LOGGERS]
     # uvicorn.Config configured logging when the server started: its dictConfig drops the handlers it finds.
-    for logger in loggers:
-        logger.addHandler(life.errors)
-    server.switch.app = life.recorder
-    try:
-        yield server.port
-        await life.settle()
-        gc.collect()  # an orphaned task's unretrieved exception is logged when the task is collected
-    finally:
-        server.switch.app = None
-        for logger in loggers:
-            logger.removeHandler(life.errors)
+    with recording(life.errors, *LOGGERS):
+        server.switch.app = life.recorder
+        try:
+            yield server.port
+            await life.settle()
+            gc.collect()  # an orphaned task's unretrieved exception is logged when the task is collected
+        finally:
+            server.switch.app = None
 
 
 def leave_at_once(port: int, data: bytes, how: Close, times: int) -> None:
@@ -325,10 +310,8 @@ async def test_normal_requests_complete_with_lifecycle(
         def client() -> list[tuple[int, bytes]]:
             answers = []
             for method, path, body, _ in NORMAL:
-                with raw_connection(port) as sock:
-                    sock.sendall(request_bytes(method, path, body=body))
-                    status, _, received = read_response(sock)
-                    answers.append((status, received))
+                status, _, received = fetch(port, method, path, body)
+                answers.append((status, received))
             return answers
 
         answers = await anyio.to_thread.run_sync(client)

@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from asgi_disconnect import ClientDisconnected
-from asgi_disconnect import _doctor as doctor
+from asgi_disconnect._tools import doctor
 from asgi_disconnect._types import ASGIApp, Message, Receive, Scope, Send
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,7 @@ def test_text_output_is_a_table(text: str) -> None:
 
 def test_the_doctor_imports_no_server() -> None:
     code = (
-        "import sys, asgi_disconnect._doctor; "
+        "import sys, asgi_disconnect._tools.doctor; "
         "print([m for m in ('uvicorn', 'hypercorn', 'granian', 'daphne', 'h11', 'httptools', 'trio') "
         "if m in sys.modules])"
     )

@@ -10,12 +10,11 @@ app raised must reach the server as the very same object, its traceback intact.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -29,13 +28,13 @@ from asgi_disconnect import DisconnectMiddleware
 from asgi_disconnect._types import ASGIApp, Message, Receive, Scope, Send
 
 from . import hostile_apps as h
+from .helpers import Close, Records, recording
 from .servers import Outermost, ServerKind, close, raw_connection, request_bytes, run_server, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
 Mode = Literal["bare", "observe", "cancel"]
 Wrapped = Literal["observe", "cancel"]
-Close = Literal["fin", "rst"]
 UVICORNS: tuple[ServerKind, ...] = ("uvicorn-h11", "uvicorn-httptools")
 WRAPPED: tuple[Wrapped, ...] = ("observe", "cancel")
 # The server's own logger, and asyncio's: a connection task that dies is logged there.
@@ -52,31 +51,6 @@ def anyio_backend() -> str:
 
 
 # -- what the server logged ------------------------------------------------------------------
-
-
-class Records(logging.Handler):
-    """Keeps every record of one logger while installed."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def recording(handler: Records, *names: str) -> Iterator[None]:
-    # Installed once the server runs: uvicorn's logging setup removes the handlers of
-    # "uvicorn.error" when it starts.
-    loggers = [logging.getLogger(name) for name in names]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
 
 
 def logged_error(record: logging.LogRecord) -> BaseException | None:
@@ -370,22 +344,11 @@ CASES = [
     pytest.param(h.return_without_response, id="return-without-response"),
     # A return after the start and a first chunk: uvicorn logs it and closes.
     pytest.param(h.return_mid_body, id="return-mid-body"),
-    # The app's own errors before the start: uvicorn answers 500.
-    pytest.param(h.raise_before_start(h.value_error), id="before-start-ValueError"),
-    pytest.param(h.raise_before_start(h.file_not_found), id="before-start-FileNotFoundError"),
-    pytest.param(h.raise_before_start(h.connection_refused), id="before-start-ConnectionRefusedError"),
-    pytest.param(h.raise_before_start(h.timeout_error), id="before-start-TimeoutError"),
+    # The app's own errors before the start: uvicorn answers 500 (to a BaseException too:
+    # it catches BaseException, and logs it).
+    *h.error_params(h.OWN_ERRORS, h.raise_before_start, prefix="before-start-"),
     # ... and after the start and a first chunk: uvicorn closes the connection.
-    pytest.param(h.raise_after_start(h.value_error), id="after-start-ValueError"),
-    pytest.param(h.raise_after_start(h.file_not_found), id="after-start-FileNotFoundError"),
-    pytest.param(h.raise_after_start(h.connection_refused), id="after-start-ConnectionRefusedError"),
-    pytest.param(h.raise_after_start(h.timeout_error), id="after-start-TimeoutError"),
-    # A BaseException that is not an Exception: uvicorn catches BaseException, logs, answers 500.
-    pytest.param(h.raise_before_start(h.app_abort), id="before-start-BaseException"),
-    pytest.param(h.raise_after_start(h.app_abort), id="after-start-BaseException"),
-    # An exception group of the app's own task group.
-    pytest.param(h.raise_before_start(h.exception_group), id="before-start-ExceptionGroup"),
-    pytest.param(h.raise_after_start(h.exception_group), id="after-start-ExceptionGroup"),
+    *h.error_params(h.OWN_ERRORS, h.raise_after_start, prefix="after-start-"),
     # Frameworks whose errors pass through a task group (Starlette's collapse_excgroups).
     pytest.param(h.starlette_streaming_error, id="starlette-StreamingResponse-body-error"),
     pytest.param(h.base_http_middleware_error, id="starlette-BaseHTTPMiddleware-endpoint-error"),

@@ -134,20 +134,8 @@ def assert_as_bare(bare: Outcome, wrapped: Outcome, mode: Mode) -> None:
 
 # -- 1. the app's own exceptions of every kind -----------------------------------------------------
 
-ERRORS = [
-    # A plain bug.
-    pytest.param(h.value_error, id="ValueError"),
-    # The app's own OSErrors: a missing file, a refused upstream, a timeout of its own.
-    pytest.param(h.file_not_found, id="FileNotFoundError"),
-    pytest.param(h.connection_refused, id="ConnectionRefusedError"),
-    pytest.param(h.timeout_error, id="TimeoutError"),
-    # Not an Exception: trio's task group must not wrap it in a BaseExceptionGroup.
-    pytest.param(h.app_abort, id="BaseException"),
-    # The app's own task group failed.
-    pytest.param(h.exception_group, id="ExceptionGroup"),
-    # A group of BaseExceptions: not an Exception either.
-    pytest.param(lambda: BaseExceptionGroup("the app's group", [h.app_abort()]), id="BaseExceptionGroup"),
-]
+#: The app's own errors of every kind (tests/hostile_apps.py: ERRORS says why each is there).
+ERRORS = h.error_params([*h.OWN_ERRORS, "BaseExceptionGroup"])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -184,16 +172,10 @@ async def test_framework_error_escapes_as_the_same_object(factory: h.Factory, mo
 
 # -- 3. the app's own error after its client left --------------------------------------------------------
 
-LEFT_ERRORS = [
-    # OSErrors of the app's own, which the departure did not cause.
-    pytest.param(h.file_not_found, id="FileNotFoundError"),
-    pytest.param(h.connection_refused, id="ConnectionRefusedError"),
-    pytest.param(h.timeout_error, id="TimeoutError"),
-    # A group of one: all its members are OSErrors, none caused by the departure.
-    pytest.param(h.oserror_group, id="ExceptionGroup-of-OSError"),
-    # Not an Exception.
-    pytest.param(h.app_abort, id="BaseException"),
-]
+#: Errors the departure did not cause: OSErrors of the app's own, a group of them, a BaseException.
+LEFT_ERRORS = h.error_params(
+    ("FileNotFoundError", "ConnectionRefusedError", "TimeoutError", "ExceptionGroup-of-OSError", "BaseException")
+)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -285,19 +267,8 @@ async def test_server_send_error_propagates_and_is_no_disconnect(on: str, mode: 
 # -- 6. a TimeoutError whose context is a cancellation inside the server's send --------------------------------
 
 
-def times_out_sending(rec: h.Recorder) -> ASGIApp:
-    """sse-starlette's SendTimeoutError, in short: a timeout around a send() that never returns."""
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send(h.START)
-        try:
-            with anyio.fail_after(0.05):
-                await send(h.FIRST_CHUNK)
-        except TimeoutError as exc:
-            rec.keep(exc)
-            raise
-
-    return app
+#: sse-starlette's SendTimeoutError, in short: a timeout around a send() that never returns.
+times_out_sending = h.timeout_around_blocked_send("anyio.fail_after")
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -665,7 +665,7 @@ async def test_state_reads_well_and_wait_returns_at_once_after_the_disconnect() 
     async with anyio.create_task_group() as tg:
         tg.start_soon(state.wait)
         await anyio.lowlevel.checkpoint()
-        state._mark("mid_body", 1.0)
+        state._record("mid_body", 1.0)
     with anyio.fail_after(1):
         await state.wait()  # already disconnected: returns at once
     state.cancelled = True

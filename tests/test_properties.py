@@ -33,11 +33,13 @@ runs the same examples.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import CodeType
 from typing import IO, Literal
+from unittest import mock
 
 import anyio
 import anyio.abc
@@ -47,7 +49,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, DisconnectState, disconnect_state
+from asgi_disconnect import (
+    ClientDisconnected,
+    DisconnectMiddleware,
+    DisconnectState,
+    _fastpath,
+    _middleware,
+    disconnect_state,
+)
 from asgi_disconnect._types import ASGIApp, Message, Receive, Scope, Send
 from tests.fake_server import FakeServer, SendMode, ServerSendError, body_bytes, is_disconnect
 from tests.peer import http_scope
@@ -665,9 +674,13 @@ async def _execute(sc: Scenario, file: IO[bytes], box: list[Run]) -> None:
 def execute(sc: Scenario, backend: str) -> Run:
     """Play ``sc`` on a fresh event loop of ``backend``; a hang fails here."""
     box: list[Run] = []
-    with capture_logs() as logs, open(FILE_PATH, "rb") as file:
+    # "asyncio-reference": asyncio on the reference path (see tests/conftest.py).
+    reference = (
+        mock.patch.object(_middleware, "fast_task", _fastpath._no_task) if backend == "asyncio-reference" else None
+    )
+    with capture_logs() as logs, open(FILE_PATH, "rb") as file, reference or contextlib.nullcontext():
         try:
-            anyio.run(_execute, sc, file, box, backend=backend)
+            anyio.run(_execute, sc, file, box, backend=backend.removesuffix("-reference"))
         except TimeoutError:
             detail = box[0].describe() if box else ""
             raise LivenessViolation(f"the request did not end within {SCENARIO_TIMEOUT} s\n{detail}") from None
@@ -1006,7 +1019,7 @@ def _count_events(run: Run) -> None:
 
 # -- the tests --------------------------------------------------------------------------
 
-backends = pytest.mark.parametrize("backend", ["asyncio", "trio"])
+backends = pytest.mark.parametrize("backend", ["asyncio", "asyncio-reference", "trio"])
 EXAMPLES = int(os.environ.get("ASGI_DISCONNECT_EXAMPLES", "800"))  # observe mode; cancel mode runs half
 property_settings = settings(
     max_examples=EXAMPLES,

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Literal
 
 import anyio
 import anyio.from_thread
@@ -33,24 +30,25 @@ from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, Disconnect
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
 
 from . import apps
+from .helpers import CLOSES, Close, leave_once_started
 from .servers import (
     SERVERS,
     Outermost,
     ServerKind,
     close,
+    free_port,
     raw_connection,
     read_response,
     read_then_leave,
     read_until,
     request_bytes,
+    run_process,
     run_server,
     wait_for,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
-Close = Literal["fin", "rst"]
-CLOSES: tuple[Close, ...] = ("fin", "rst")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,15 +99,8 @@ async def test_handler_that_never_receives_sees_disconnect_before_response(kind:
 
     served = Served(handler)
     async with run_server(served, kind) as port:
-
-        def client() -> None:
-            with raw_connection(port) as sock:
-                sock.sendall(request_bytes("GET", "/report"))
-                anyio.from_thread.run(wait_for, started, "the handler started")
-                close(sock, how)
-
         with structlog.testing.capture_logs() as logs:
-            await anyio.to_thread.run_sync(client)
+            await anyio.to_thread.run_sync(leave_once_started, port, "/report", started, how)
             await wait_for(served.returned, "the app returned")
 
     assert seen["timed_out"] is False, "disconnect_state(scope).wait() should return once the client left"
@@ -309,15 +300,8 @@ async def test_flag_set_under_base_http_middleware(kind: ServerKind, how: Close)
 
     served = Served(Starlette(routes=[Route("/poll", endpoint)], middleware=[Middleware(NoOpMiddleware)]))
     async with run_server(served, kind) as port:
-
-        def client() -> None:
-            with raw_connection(port) as sock:
-                sock.sendall(request_bytes("GET", "/poll"))
-                anyio.from_thread.run(wait_for, started, "the endpoint started")
-                close(sock, how)
-            anyio.from_thread.run_sync(client_left.set)
-
-        await anyio.to_thread.run_sync(client)
+        await anyio.to_thread.run_sync(leave_once_started, port, "/poll", started, how)
+        client_left.set()
         await wait_for(served.returned, "the app returned")
 
     assert polls[-1][0] is True, "disconnect_state(scope).disconnected should become True"
@@ -365,13 +349,6 @@ async def test_starlette_streaming_generator_closed_promptly(kind: ServerKind, h
 # -- 7. no traceback in the server's output -------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def server_command(kind: ServerKind, target: str, port: int) -> list[str]:
     if kind == "hypercorn":
         # --workers 0: serve in this very process, so that its PID is the server's.
@@ -393,21 +370,7 @@ def abort_requests(kind: ServerKind, target: str, how: Close, output: Path, even
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
     env.pop("FORCE_COLOR", None)
-    with output.open("wb") as sink:
-        process = subprocess.Popen(
-            server_command(kind, target, port), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env
-        )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            assert process.poll() is None, f"the server exited: {read(output)}"
-            assert time.monotonic() < deadline, f"the server did not listen: {read(output)}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.02)
-
+    with run_process(server_command(kind, target, port), port, output=output, env=env, cwd=ROOT, stop_timeout=10):
         with raw_connection(port) as sock:
             sock.sendall(request_bytes("GET", "/stream"))
             read_until(sock, b"chunk 0000\n")
@@ -428,13 +391,6 @@ def abort_requests(kind: ServerKind, target: str, how: Close, output: Path, even
                 time.sleep(0.02)
         else:
             time.sleep(apps.SLOW_SECONDS + 0.2)  # the slow handler sends into the void
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
     return read(output)
 
 

@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream
 from asgi_disconnect._types import Message, Receive, Scope, Send
-from tests.peer import Peer, http_scope
+from tests.peer import Peer, abort_after, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -61,17 +61,6 @@ def raw_app(source: Source, iterated_in: list[object]) -> DisconnectMiddleware:
     return DisconnectMiddleware(app)
 
 
-async def serve_and_leave(app: DisconnectMiddleware, peer: Peer, after: float) -> None:
-    async def leave() -> None:
-        await anyio.sleep(after)
-        peer.disconnect()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(leave)
-        with anyio.fail_after(5):
-            await app(http_scope(), peer.receive, peer.send)
-
-
 @pytest.mark.parametrize("stall_after", [None, 3], ids=["producing", "stalled-upstream"])
 async def test_stream_stops_and_closes_its_source_in_the_iterating_task(stall_after: int | None) -> None:
     """The source's finally runs in the task that iterated it, before the app returns."""
@@ -79,7 +68,7 @@ async def test_stream_stops_and_closes_its_source_in_the_iterating_task(stall_af
     iterated_in: list[object] = []
     peer = Peer()
     with capture_logs() as logs:
-        await serve_and_leave(raw_app(source, iterated_in), peer, after=0.1)
+        await abort_after(raw_app(source, iterated_in), peer, delay=0.1)
     assert source.closed_in == iterated_in[0]
     assert source.closed_at is not None
     assert [e["phase"] for e in logs] == ["mid_body"]
@@ -97,7 +86,7 @@ async def test_no_chunk_produced_after_detection_reaches_the_client() -> None:
         async for data in guard_stream(source(), scope):
             await send(chunk(data))
 
-    await serve_and_leave(DisconnectMiddleware(app), peer, after=0.1)
+    await abort_after(DisconnectMiddleware(app), peer, delay=0.1)
     detected = states[0].detected_at
     assert detected is not None
     assert len([t for t in source.produced if t > detected]) <= 1
@@ -245,7 +234,7 @@ async def test_starlette_streaming_response_with_a_stalled_upstream() -> None:
 
     app = DisconnectMiddleware(Starlette(routes=[Route("/", endpoint)]))
     started = time.monotonic()
-    await serve_and_leave(app, peer, after=0.1)
+    await abort_after(app, peer, delay=0.1)
     assert source.closed_at is not None and source.closed_at - started < 1
 
 

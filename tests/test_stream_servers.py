@@ -35,13 +35,12 @@ from starlette.routing import Route
 
 from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
+from tests.helpers import Close, fetch
 from tests.servers import (
     SERVERS,
     Outermost,
     ServerKind,
     close,
-    raw_connection,
-    read_response,
     read_then_leave,
     request_bytes,
     run_server,
@@ -50,7 +49,6 @@ from tests.servers import (
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
-Close = Literal["fin", "rst"]
 Framework = Literal["raw", "starlette", "fastapi", "fastapi-sse", "sse-starlette", "litestar"]
 FRAMEWORKS: tuple[Framework, ...] = ("raw", "starlette", "fastapi", "fastapi-sse", "sse-starlette", "litestar")
 #: The frameworks that frame SSE events themselves: the source yields the bare payload.
@@ -239,13 +237,8 @@ async def test_heartbeats_reach_the_client_before_the_first_token(framework: Fra
     source = Source(framed=framework not in SELF_FRAMING, first_after=0.3, tokens=3)
     probe = build_app(framework, source, heartbeat=0.05)
 
-    def client(port: int) -> tuple[int, dict[str, str], bytes]:
-        with raw_connection(port) as sock:
-            sock.sendall(request_bytes(path="/stream"))
-            return read_response(sock)
-
     async with run_server(probe, kind) as port:
-        status, headers, body = await anyio.to_thread.run_sync(client, port)
+        status, headers, body = await anyio.to_thread.run_sync(fetch, port, "GET", "/stream")
         await wait_for(probe.returned, "the response returned", WITHIN)
 
     assert status == 200 and headers["content-type"].startswith("text/event-stream")

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import random
-import socket
 import sqlite3
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from asgi_disconnect import SCOPE_KEY, DisconnectMiddleware, DisconnectState, guard_stream, shield
+from asgi_disconnect._loopback import HOST, request_bytes, request_then_leave, serve
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
 
 MODES = ("bare", "observe", "cancel")
@@ -240,39 +240,6 @@ def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
     )
 
 
-# -- clients ---------------------------------------------------------------------------
-
-
-def _leave_after_marker(port: int, request: bytes, marker: bytes) -> float:
-    """Send ``request``, read until ``marker``, close the connection; return when."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        data = b""
-        deadline = time.monotonic() + 5
-        while marker not in data:
-            if time.monotonic() > deadline or len(data) > 1 << 20:
-                raise RuntimeError(f"demo client: {marker!r} not received, got {data[:200]!r}")
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise RuntimeError(f"demo client: connection closed before {marker!r}")
-            data += chunk
-        left_at = time.monotonic()
-    return left_at
-
-
-def _leave_after(port: int, request: bytes, seconds: float) -> float:
-    """Send ``request``, wait ``seconds`` without an answer, close; return when."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        time.sleep(seconds)
-        left_at = time.monotonic()
-    return left_at
-
-
-def _get(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
-
-
 # -- the run ----------------------------------------------------------------------------
 
 
@@ -325,50 +292,26 @@ def _captured_logs() -> Iterator[tuple[_Collector, list[MutableMapping[str, Any]
         root.setLevel(old_level)
 
 
-@contextlib.asynccontextmanager
-async def _serve(app: ASGIApp) -> AsyncIterator[int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    # log_config=None: uvicorn's records reach the root logger, where the demo counts them
-    config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        for _ in range(500):  # at most 5 s to start
-            if server.started or serving.done():
-                break
-            await asyncio.sleep(0.01)
-        if not server.started:
-            raise RuntimeError("the demo's uvicorn did not start")
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(serving, 10)
-        sock.close()
-
-
 def _scenarios(timing: Timing) -> list[Scenario]:
     return [
         Scenario(
             "tokens",
             "LLM token stream (plain ASGI)",
             "tokens generated",
-            lambda port, mode: _leave_after_marker(port, _get(f"/{mode}/tokens"), b"tok5 "),
+            lambda port, mode: request_then_leave(port, f"/{mode}/tokens", until=b"tok5 "),
         ),
         Scenario(
             "sse",
             "SSE feed (Starlette StreamingResponse)",
             "events generated",
-            lambda port, mode: _leave_after_marker(port, _get(f"/{mode}/sse"), b"update 3\n\n"),
+            lambda port, mode: request_then_leave(port, f"/{mode}/sse", until=b"update 3\n\n"),
         ),
         Scenario(
             "order",
             "DB transaction (Starlette + SQLite)",
             "rows written",
-            lambda port, mode: _leave_after(
-                port,
-                f"POST /{mode}/order HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n".encode(),
-                timing.row_every * 3.5,
+            lambda port, mode: request_then_leave(
+                port, f"/{mode}/order", method="POST", headers={"Content-Length": "0"}, wait=timing.row_every * 3.5
             ),
             transaction=True,
         ),
@@ -376,7 +319,7 @@ def _scenarios(timing: Timing) -> list[Scenario]:
             "slow",
             "slow handler (Starlette, never checks)",
             "upstream calls made",
-            lambda port, mode: _leave_after(port, _get(f"/{mode}/slow"), timing.step_every * 1.5),
+            lambda port, mode: request_then_leave(port, f"/{mode}/slow", wait=timing.step_every * 1.5),
         ),
     ]
 
@@ -434,12 +377,9 @@ async def _storm_client(
 ) -> None:
     while time.monotonic() < deadline:
         request_id = next(ids)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection(HOST, port)
         try:
-            writer.write(
-                f"GET /{mode}/storm HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: {request_id}\r\n"
-                "Connection: close\r\n\r\n".encode()
-            )
+            writer.write(request_bytes("GET", f"/{mode}/storm", {"X-Request-Id": request_id, "Connection": "close"}))
             try:
                 status = await asyncio.wait_for(reader.readline(), timing.storm_timeout)
                 await asyncio.wait_for(reader.read(), timing.storm_timeout)
@@ -600,8 +540,11 @@ async def _demo(timing: Timing, out: Callable[[str], None], tables: bool) -> dic
         with sqlite3.connect(db_path) as db:
             db.execute("CREATE TABLE order_rows (id INTEGER PRIMARY KEY, line INTEGER)")
         with _captured_logs() as (collector, events):
-            async with _serve(build_apps(rec, timing, db_path)) as port:
-                out(f"uvicorn {uvicorn.__version__} on http://127.0.0.1:{port}")
+            # The harness configures no logging: uvicorn's records reach the root logger, where
+            # they are counted. A bare handler whose client has gone may still run at the end.
+            async with serve(build_apps(rec, timing, db_path), stop_timeout=2) as live:
+                port = live.port
+                out(f"uvicorn {uvicorn.__version__} on http://{live.host}:{port}")
                 for scenario in scenarios:
                     out(f"  {scenario.title}:")
                     for mode in MODES:

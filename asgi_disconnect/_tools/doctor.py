@@ -28,11 +28,7 @@ import json
 import os
 import platform
 import re
-import signal
-import socket
 import statistics
-import struct
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -45,9 +41,10 @@ from urllib.parse import parse_qs
 import anyio
 import anyio.lowlevel
 
-from ._exceptions import ClientDisconnected
-from ._middleware import DisconnectMiddleware, disconnect_state
-from ._types import Message, Receive, Scope, Send
+import asgi_disconnect
+from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, disconnect_state
+from asgi_disconnect._loopback import HOST, CloseKind, ServerStartError, free_port, get, request_then_leave, run_process
+from asgi_disconnect._types import Message, Receive, Scope, Send
 
 # --------------------------------------------------------------------------- limits
 #: How long the probe app waits for ``http.disconnect`` after the client's close.
@@ -59,9 +56,8 @@ _SENDS_AFTER = 3
 _SEND_TIMEOUT = 1.0
 #: How long a server may take to start answering on its port.
 _START_TIMEOUT = 15.0
-#: Socket timeout of every client operation, and the cap on anything read.
+#: Socket timeout of every client operation.
 _IO_TIMEOUT = 5.0
-_MAX_READ = 1 << 20
 #: How long a server may take to stop after SIGTERM before it (and its workers) get SIGKILL.
 _STOP_TIMEOUT = 3.0
 #: Probes per app and close: the delay reported is their median, as one sample on a busy
@@ -74,11 +70,9 @@ FIRST_CHUNK = b"asgi-disconnect probe: first chunk\n"
 _LATER_CHUNK = b"." * 1024 + b"\n"
 
 AppKind = Literal["bare", "wrapped"]
-CloseKind = Literal["fin", "rst"]
 SendOutcome = Literal["raised", "dropped", "blocked", "unfinished"]
 Status = Literal["ok", "not installed", "error"]
 
-_HOST = "127.0.0.1"
 _APP_TARGET = f"{__name__}:probe_app"
 
 
@@ -101,22 +95,22 @@ class ServerSpec:
 
 
 def _uvicorn(http: str) -> Callable[[int], list[str]]:
-    return lambda port: ["uvicorn", "--host", _HOST, "--port", str(port), "--http", http, _APP_TARGET]
+    return lambda port: ["uvicorn", "--host", HOST, "--port", str(port), "--http", http, _APP_TARGET]
 
 
 def _hypercorn(worker_class: str) -> Callable[[int], list[str]]:
     # --workers 0 serves from the process we start (no multiprocessing spawn): quicker,
     # and the probe records live in the one process that answers /results.
-    return lambda port: ["hypercorn", "--bind", f"{_HOST}:{port}", "--workers", "0", "-k", worker_class, _APP_TARGET]
+    return lambda port: ["hypercorn", "--bind", f"{HOST}:{port}", "--workers", "0", "-k", worker_class, _APP_TARGET]
 
 
 def _granian(port: int) -> list[str]:
     # One worker (a process granian spawns): the records of the probes live in one process.
-    return ["granian", "--interface", "asgi", "--host", _HOST, "--port", str(port), "--workers", "1", _APP_TARGET]
+    return ["granian", "--interface", "asgi", "--host", HOST, "--port", str(port), "--workers", "1", _APP_TARGET]
 
 
 def _daphne(port: int) -> list[str]:
-    return ["daphne", "-b", _HOST, "-p", str(port), _APP_TARGET]
+    return ["daphne", "-b", HOST, "-p", str(port), _APP_TARGET]
 
 
 SERVERS: tuple[ServerSpec, ...] = (
@@ -348,72 +342,6 @@ async def _results(send: Send, probe_id: str) -> None:
     await _respond(send, 200, body, b"application/json")
 
 
-# --------------------------------------------------------------------------- the client
-def _request(path: str, *, close: bool) -> bytes:
-    lines = [f"GET {path} HTTP/1.1", f"Host: {_HOST}"] + (["Connection: close"] if close else [])
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def _read_until(sock: socket.socket, done: Callable[[bytes], bool], deadline: float) -> bytes:
-    data = b""
-    for _ in range(10_000):  # bounded in reads, bytes and time
-        if done(data):
-            return data
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or len(data) > _MAX_READ:
-            raise TimeoutError(f"no complete answer within {_IO_TIMEOUT:g} s (got {data[:120]!r})")
-        sock.settimeout(remaining)
-        chunk = sock.recv(65536)
-        if not chunk:
-            if done(data):
-                return data
-            raise ConnectionError(f"connection closed early (got {data[:120]!r})")
-        data += chunk
-    raise TimeoutError("too many reads")
-
-
-def _get(port: int, path: str, timeout: float = _IO_TIMEOUT) -> tuple[int, bytes]:
-    """``GET path``; return the status and the body (the probe app always sends a length)."""
-
-    def complete(data: bytes) -> bool:
-        head, sep, body = data.partition(b"\r\n\r\n")
-        if not sep:
-            return False
-        match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-        return match is not None and len(body) >= int(match.group(1))
-
-    with socket.create_connection((_HOST, port), timeout=timeout) as sock:
-        sock.sendall(_request(path, close=True))
-        data = _read_until(sock, complete, time.monotonic() + timeout)
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split(None, 2)[1])
-    return status, body
-
-
-def _request_then_leave(port: int, path: str, close: CloseKind) -> float:
-    """Request ``path``, read the first chunk, leave; return ``time.monotonic()`` at the close."""
-    with socket.create_connection((_HOST, port), timeout=_IO_TIMEOUT) as sock:
-        sock.sendall(_request(path, close=False))
-        _read_until(sock, lambda data: FIRST_CHUNK in data, time.monotonic() + _IO_TIMEOUT)
-        if close == "rst":
-            # SO_LINGER with a zero timeout: close() sends a RST, as a killed client or
-            # a proxy dropping the connection does.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            left_at = time.monotonic()
-        else:
-            left_at = time.monotonic()
-            sock.shutdown(socket.SHUT_RDWR)  # FIN, as a browser tab or curl does
-    return left_at
-
-
-def _free_port() -> int:
-    # The port is free now; a race with another process only fails this server's row.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 # --------------------------------------------------------------------------- one server
 def _missing(spec: ServerSpec) -> list[str]:
     for module in spec.requires:
@@ -446,14 +374,14 @@ def probe_server(spec: ServerSpec) -> ServerReport:
     if spec.implementation is not None:
         report.implementation = f"{spec.implementation} {_version(spec.implementation) or '?'}"
     started = time.monotonic()
-    port = _free_port()
+    port = free_port()  # another process taking it fails only this server's row
     report.port = port
     report.command = [sys.executable, "-m", *spec.argv(port)]
     with tempfile.TemporaryDirectory(prefix="asgi-disconnect-doctor-") as tmp:
         log_path = Path(tmp) / "server.log"
         try:
             _run_probes(report, port, log_path)
-        except _ProbeError as exc:
+        except (_ProbeError, ServerStartError) as exc:
             report.status = "error"
             report.error = str(exc)
         except Exception as exc:  # timeouts, refused connections, odd answers: one row fails, not the table
@@ -475,19 +403,16 @@ def _run_probes(report: ServerReport, port: int, log_path: Path) -> None:
     # would spread the probes over processes that do not share their records.
     env = {name: value for name, value in os.environ.items() if not name.startswith(_SERVER_ENV_PREFIXES)}
     env["PYTHONUNBUFFERED"] = "1"  # the log is complete when we read it
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            report.command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            # A process group of its own: stopping the group stops the server and the
-            # workers it spawned (granian), and nothing else.
-            start_new_session=os.name == "posix",
-        )
-    try:
-        _wait_ready(proc, port, log_path)
+    # run_process stops the server's whole process group: the workers it spawned (granian) too.
+    with run_process(
+        report.command,
+        port,
+        ready="/ready",
+        output=log_path,
+        env=env,
+        start_timeout=_START_TIMEOUT,
+        stop_timeout=_STOP_TIMEOUT,
+    ):
         for app, path in _PLAN:
             logged_before = log_path.stat().st_size
             for close in _CLOSES:
@@ -506,8 +431,6 @@ def _run_probes(report: ServerReport, port: int, log_path: Path) -> None:
             tracebacks, exceptions = _scan_log(log_path.read_bytes()[logged_before:])
             report.tracebacks[app] = tracebacks
             report.logged_exceptions += exceptions
-    finally:
-        _stop(proc)
 
 
 def _merge(results: list[ProbeResult]) -> ProbeResult:
@@ -525,11 +448,11 @@ def _merge(results: list[ProbeResult]) -> ProbeResult:
 def _probe_once(
     port: int, app: AppKind, path: str, close: CloseKind, probe_id: str
 ) -> tuple[ProbeResult, dict[str, Any]]:
-    left_at = _request_then_leave(port, f"{path}?id={probe_id}", close)
-    status, body = _get(port, f"/results?id={probe_id}", timeout=DISCONNECT_WAIT + _SENDS_AFTER * _SEND_TIMEOUT + 3)
-    record = json.loads(body) if status == 200 else None
+    left_at = request_then_leave(port, f"{path}?id={probe_id}", until=FIRST_CHUNK, how=close, timeout=_IO_TIMEOUT)
+    response = get(port, f"/results?id={probe_id}", timeout=DISCONNECT_WAIT + _SENDS_AFTER * _SEND_TIMEOUT + 3)
+    record = json.loads(response.body) if response.status == 200 else None
     if not isinstance(record, dict):
-        raise _ProbeError(f"no result for {path} ({close.upper()}): HTTP {status} {body[:120]!r}")
+        raise _ProbeError(f"no result for {path} ({close.upper()}): HTTP {response.status} {response.body[:120]!r}")
     disconnect_at = record["disconnect_at"]
     result = ProbeResult(
         app=app,
@@ -540,53 +463,6 @@ def _probe_once(
         send_error_is_oserror=record["send_error_is_oserror"],
     )
     return result, record
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT
-    for _ in range(1000):  # and at most _START_TIMEOUT seconds
-        if proc.poll() is not None:
-            raise _ProbeError(f"exited with status {proc.returncode} at start: {_last_line(log_path)}")
-        try:
-            status, _ = _get(port, "/ready", timeout=1.0)
-        except (OSError, ValueError, IndexError):
-            status = 0  # not listening yet, or not answering yet
-        if status == 200:
-            return
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    raise _ProbeError(f"did not answer on {_HOST}:{port} within {_START_TIMEOUT:g} s: {_last_line(log_path)}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the server we started, and its workers: SIGTERM, then SIGKILL for what is left."""
-    _signal(proc, kill=False)
-    try:
-        proc.wait(timeout=_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pass
-    # Also after a clean exit: a worker may outlive its parent. The group id cannot be
-    # reused while any of its members lives, so this reaches only what we started.
-    _signal(proc, kill=True)
-    try:
-        proc.wait(timeout=_STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL did not end it; nothing more to do
-        pass
-
-
-def _signal(proc: subprocess.Popen[bytes], *, kill: bool) -> None:
-    if os.name == "posix":
-        sig = signal.SIGKILL if kill else signal.SIGTERM
-        try:
-            os.killpg(proc.pid, sig)  # the group start_new_session made: ours only
-        except (ProcessLookupError, PermissionError):
-            pass  # the whole group is gone already
-    elif proc.returncode is None:  # pragma: no cover - Windows
-        if kill:
-            proc.kill()
-        else:
-            proc.terminate()
 
 
 _TRACEBACK = re.compile(r"^(?:\s*\+ Exception Group )?Traceback \(most recent call last\):", re.MULTILINE)
@@ -612,19 +488,9 @@ def _scan_log(data: bytes) -> tuple[int, list[str]]:
     return count, exceptions
 
 
-def _last_line(log_path: Path) -> str:
-    try:
-        lines = [line.strip() for line in log_path.read_text("utf-8", "replace").splitlines() if line.strip()]
-    except OSError:
-        return "(no output)"
-    return lines[-1][:300] if lines else "(no output)"
-
-
 # --------------------------------------------------------------------------- the report
 def run_doctor(as_json: bool) -> int:
     """Probe every known server, print the table (or JSON), return 0 once probing ran."""
-    from . import __version__
-
     progress = sys.stderr.isatty() and not as_json
     reports: list[ServerReport] = []
     for spec in SERVERS:
@@ -635,7 +501,7 @@ def run_doctor(as_json: bool) -> int:
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr, flush=True)
     if as_json:
         document = {
-            "asgi_disconnect": __version__,
+            "asgi_disconnect": asgi_disconnect.__version__,
             "python": platform.python_version(),
             "platform": sys.platform,
             "disconnect_wait_s": DISCONNECT_WAIT,

@@ -1,0 +1,556 @@
+"""Real ASGI servers on 127.0.0.1 in the caller's event loop, and raw-socket clients that leave.
+
+One harness for the demo, the doctor, the tests, the examples and the benchmarks (and
+the seed of ``asgi_disconnect.testing``). A server is imported when it starts, never
+with this module. The clients are blocking stdlib sockets: next to a server in the same
+event loop, run them in a worker thread (``anyio.to_thread.run_sync``) so that they never
+stall the server they talk to. Every read is bounded in bytes and in time.
+:func:`run_process` runs a server in a process of its own instead, and always stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence, Set
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import anyio
+
+from asgi_disconnect._types import ASGIApp, Message, Receive, Scope, Send
+
+HOST = "127.0.0.1"
+#: The most a client reads from one connection.
+MAX_READ = 1 << 24
+
+ServerName = Literal["uvicorn", "uvicorn-h11", "uvicorn-httptools", "hypercorn"]
+CloseKind = Literal["fin", "rst"]
+
+
+# --------------------------------------------------------------------------- servers
+class ServerStartError(Exception):
+    """A server that :func:`serve` or :func:`run_process` started did not come up.
+
+    The message says why: it stopped (or its process exited) before it was ready, with
+    the error or the last line it printed, or it was not ready within the start timeout.
+    ``output`` holds the end of a process's output ("" for a server in this process).
+    """
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    """A server that :func:`serve` started: which one, and where it listens."""
+
+    server: ServerName
+    port: int
+    host: str = HOST
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    app: ASGIApp, *, server: ServerName = "uvicorn", start_timeout: float = 5.0, stop_timeout: int = 10
+) -> AsyncIterator[LiveServer]:
+    """Serve ``app`` with a real server on 127.0.0.1 in this (asyncio) event loop.
+
+    The socket listens on an ephemeral port before the server starts, so no other process
+    can take the port and a client may connect at once. It yields once the server has
+    started: uvicorn runs without lifespan; hypercorn always sends it, and has started once
+    the app's lifespan startup is over (an app that raises there is served without
+    lifespan, as hypercorn does). A server that stops first (an app that reports
+    ``lifespan.startup.failed``) or takes longer than ``start_timeout`` raises
+    :class:`ServerStartError`, with nothing left running. On exit the server stops, giving
+    the requests still running ``stop_timeout`` seconds; an exception of the ``async with``
+    block comes out as it is, after the server has stopped. The servers log to their stdlib
+    loggers (``uvicorn.error``, ``hypercorn.error``), warnings and errors only, and never
+    configure logging.
+    """
+    sock = _listening_socket()
+    live = LiveServer(server, sock.getsockname()[1])
+    failure: ServerStartError | None = None
+    raised: Exception | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            if server == "hypercorn":
+                running = _hypercorn(app, sock, stop_timeout)
+            else:
+                running = _uvicorn(app, _UVICORN_HTTP[server], sock, stop_timeout)
+            tg.start_soon(running.run)
+            failure = await running.wait_started(start_timeout)
+            if failure is None:
+                try:
+                    yield live
+                except Exception as exc:
+                    raised = exc
+                finally:
+                    running.stop()
+            else:
+                tg.cancel_scope.cancel()
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()  # uvicorn has closed it already; hypercorn only its duplicate
+    # Raised here, out of the task group: the caller gets them as they are, not in a group.
+    if failure is not None:
+        raise failure
+    if raised is not None:
+        raise raised
+
+
+_UVICORN_HTTP = {"uvicorn": "auto", "uvicorn-h11": "h11", "uvicorn-httptools": "httptools"}
+
+
+def _listening_socket() -> socket.socket:
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets, and without it
+    # every keep-alive response after the first waits ~40 ms for Nagle.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, 0))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Running:
+    """A server's task in :func:`serve`: whether it has started, how it ended, how to stop it."""
+
+    def __init__(
+        self, name: str, serve: Callable[[], Awaitable[None]], started: Callable[[], bool], stop: Callable[[], None]
+    ) -> None:
+        self.name = name
+        self.serve = serve
+        self.started = started
+        self.stop = stop
+        self.ended = False
+        self.error: Exception | None = None
+
+    async def run(self) -> None:
+        try:
+            await self.serve()
+        except Exception as exc:
+            if self.started():
+                raise
+            self.error = exc  # wait_started() reports it
+        finally:
+            self.ended = True
+
+    async def wait_started(self, within: float) -> ServerStartError | None:
+        """None once the server has started; the error if it stopped first or took too long."""
+        with anyio.move_on_after(within):
+            for _ in range(int(within * 100) + 1):
+                if self.started():
+                    return None
+                if self.ended:
+                    why = "it stopped" if self.error is None else f"{type(self.error).__name__}: {self.error}"
+                    failure = ServerStartError(f"{self.name} did not start: {why}")
+                    failure.__cause__ = self.error
+                    return failure
+                await anyio.sleep(0.01)
+        return ServerStartError(f"{self.name} did not start within {within:g} s")
+
+
+def _uvicorn(app: ASGIApp, http: str, sock: socket.socket, stop_timeout: int) -> _Running:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        http=http,
+        lifespan="off",
+        log_config=None,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=stop_timeout,
+    )
+    server = uvicorn.Server(config)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    return _Running("uvicorn", functools.partial(server.serve, sockets=[sock]), lambda: server.started, stop)
+
+
+def _hypercorn(app: ASGIApp, sock: socket.socket, stop_timeout: int) -> _Running:
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    startup = _LifespanStartup(app)
+    served: ASGIApp = startup  # hypercorn's types of an app are narrower than the package's
+    stopping = anyio.Event()
+
+    async def run() -> None:
+        # hypercorn wraps the descriptor in a socket object of its own and closes that: it
+        # gets a duplicate, so that each side closes only what it owns.
+        fd = os.dup(sock.fileno())
+        try:
+            config = Config()
+            config.bind = [f"fd://{fd}"]
+            config.accesslog = None
+            config.errorlog = logging.getLogger("hypercorn.error")
+            config.graceful_timeout = stop_timeout
+            await hypercorn_serve(served, config, shutdown_trigger=stopping.wait, mode="asgi")
+        finally:
+            _close_duplicate(fd, sock)
+
+    return _Running("hypercorn", run, lambda: startup.over, stopping.set)
+
+
+class _LifespanStartup:
+    """``app``, and whether hypercorn is past the lifespan startup: over once the app has
+    sent ``lifespan.startup.complete``, or has returned or raised without reporting a
+    failed startup (hypercorn then serves without lifespan)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.over = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        failed = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal failed
+            failed = failed or message["type"] == "lifespan.startup.failed"
+            await send(message)
+            if message["type"] == "lifespan.startup.complete":
+                self.over = True
+
+        try:
+            await self.app(scope, receive, watched_send)
+        finally:
+            self.over = self.over or not failed
+
+
+def _close_duplicate(fd: int, sock: socket.socket) -> None:
+    # hypercorn opens its socket only after the lifespan startup: if that failed, the
+    # duplicate is still open. Closed only while it names our socket (the same inode):
+    # once hypercorn has closed it, the number may belong to another file.
+    with contextlib.suppress(OSError):
+        if os.fstat(fd).st_ino == os.fstat(sock.fileno()).st_ino:
+            os.close(fd)
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that is free now, for a server in another process.
+
+    Another process may take it before that server binds it: where the server runs in
+    this process, :func:`serve` binds first and has no such race.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --------------------------------------------------------------------------- processes
+@contextlib.contextmanager
+def run_process(
+    argv: Sequence[str],
+    port: int,
+    *,
+    ready: str | None = None,
+    output: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    cpus: Set[int] | None = None,
+    start_timeout: float = 15.0,
+    stop_signal: signal.Signals = signal.SIGTERM,
+    stop_timeout: float = 5.0,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server process that listens on 127.0.0.1:``port``; stop it on the way out.
+
+    It yields the process once the port accepts a connection or, with ``ready`` (a path),
+    once ``GET ready`` answers 200. Its stdout and stderr are appended to ``output``, or
+    dropped. ``cpus`` pins it as soon as it starts, before it has started a thread, so
+    its threads inherit the mask (Linux). A process that exits first, or is not ready
+    within ``start_timeout`` seconds, raises :class:`ServerStartError` with the end of
+    its output, and is stopped all the same.
+
+    Stopping goes by PID, each wait bounded: ``stop_signal`` (SIGINT lets a program such
+    as valgrind write its results), up to ``stop_timeout`` seconds to exit, then SIGKILL.
+    On POSIX the process leads a process group of its own and both signals go to that
+    group: the workers it spawned stop with it, and nothing else is reached.
+    """
+    with contextlib.ExitStack() as files:
+        sink = files.enter_context(output.open("ab")) if output is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            start_new_session=os.name == "posix",
+        )
+    try:
+        if cpus is not None:
+            os.sched_setaffinity(proc.pid, cpus)
+        _wait_ready(proc, port, ready, output, start_timeout)
+        yield proc
+    finally:
+        _signal(proc, stop_signal)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=stop_timeout)
+        # Also after a clean exit: a worker may outlive its leader. The group id cannot be
+        # reused while any of its members lives, so this reaches only what we started.
+        _signal(proc, None)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=stop_timeout)
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], port: int, ready: str | None, output: Path | None, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.02) + 1):  # and at most ``timeout`` seconds
+        if proc.poll() is not None:
+            raise _start_error(f"exited with status {proc.returncode} at start", output)
+        if _answers(port, ready):
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    what = "did not listen" if ready is None else f"did not answer GET {ready}"
+    raise _start_error(f"{what} on {HOST}:{port} within {timeout:g} s", output)
+
+
+def _answers(port: int, path: str | None) -> bool:
+    try:
+        if path is None:
+            connect(port, timeout=1.0).close()
+            return True
+        return get(port, path, timeout=1.0).status == 200
+    except (OSError, ValueError):  # not listening yet, or not answering yet
+        return False
+
+
+def _start_error(why: str, output: Path | None) -> ServerStartError:
+    try:
+        tail = output.read_bytes()[-4000:].decode("utf-8", "replace") if output is not None else ""
+    except OSError:
+        tail = ""
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return ServerStartError(f"{why}: {lines[-1][:300] if lines else '(no output)'}", tail)
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals | None) -> None:
+    """Send ``sig`` (None: kill) to the process's group, or on Windows to the process."""
+    if os.name == "posix":
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the whole group is gone
+            os.killpg(proc.pid, signal.SIGKILL if sig is None else sig)
+    elif proc.poll() is None:  # pragma: no cover - Windows
+        if sig is None:
+            proc.kill()
+        else:
+            proc.send_signal(sig)
+
+
+# --------------------------------------------------------------------------- clients
+class Response(NamedTuple):
+    """One HTTP/1.1 response: the status, the headers (names in lower case) and the body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def request_bytes(
+    method: str = "GET", path: str = "/", headers: Mapping[str, str] | None = None, body: bytes = b""
+) -> bytes:
+    """An HTTP/1.1 request; a ``Content-Length`` is added for a body the headers do not frame."""
+    headers = headers or {}
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", *(f"{name}: {value}" for name, value in headers.items())]
+    if body and not any(name.lower() in ("content-length", "transfer-encoding") for name in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def connect(port: int, timeout: float = 5.0) -> socket.socket:
+    """A blocking connection to 127.0.0.1:``port``; ``with connect(port) as sock:`` closes it."""
+    return socket.create_connection((HOST, port), timeout=timeout)
+
+
+def close(sock: socket.socket, how: CloseKind = "fin") -> None:
+    """Leave as a client does: an orderly FIN (a closed tab, curl), or an abortive RST."""
+    if how == "rst":
+        # SO_LINGER with a zero timeout: close() sends a RST, as a killed client or a
+        # proxy dropping the connection does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    else:
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+def read_until(sock: socket.socket, marker: bytes, *, limit: int = MAX_READ, timeout: float = 5.0) -> bytes:
+    """Read until ``marker`` has arrived; return all that was read."""
+    reader = _Reader(sock, limit, timeout)
+    reader.fill(lambda: marker in reader.data, repr(marker))
+    return bytes(reader.data)
+
+
+def read_response(sock: socket.socket, *, limit: int = MAX_READ, timeout: float = 5.0) -> Response:
+    """Read one final response, framed by its ``Content-Length``, chunked, or by the close.
+
+    Interim responses (``100 Continue``, ``103 Early Hints``) are read and skipped. A 204
+    or a 304 has no body, nor has ``101 Switching Protocols``, after which the connection
+    speaks the other protocol. Chunked trailers are read and dropped. Bytes that arrive
+    after the response (a pipelined one) are not kept: on a keep-alive connection, send
+    the next request once this response is read.
+    """
+    reader = _Reader(sock, limit, timeout)
+    for _ in range(limit):  # each interim response takes bytes, which the limit bounds
+        status, headers = _response_head(reader)
+        if not 100 <= status < 200 or status == 101:
+            break
+    if headers.get("transfer-encoding", "").lower().endswith("chunked"):
+        body = _chunked_body(reader)
+    elif status < 200 or status in (204, 304):
+        body = b""
+    elif "content-length" in headers:
+        body = reader.take(int(headers["content-length"]), "the body")
+    else:
+        body = reader.rest("the body")
+    return Response(status, headers, body)
+
+
+def _response_head(reader: _Reader) -> tuple[int, dict[str, str]]:
+    head = reader.until(b"\r\n\r\n", "the response head").decode("latin-1")
+    status_line, *header_lines = head.split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    if not version.startswith("HTTP/") or not rest[:3].isdigit():
+        raise ValueError(f"not an HTTP response: {head[:200]!r}")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in header_lines)}
+    return int(rest[:3]), headers
+
+
+def get(port: int, path: str = "/", *, timeout: float = 5.0) -> Response:
+    """``GET path`` on a connection of its own, which the server closes after the response."""
+    with connect(port, timeout) as sock:
+        sock.sendall(request_bytes("GET", path, {"Connection": "close"}))
+        return read_response(sock, timeout=timeout)
+
+
+def request_then_leave(
+    port: int,
+    path: str = "/",
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
+    until: bytes | None = None,
+    wait: float = 0.0,
+    how: CloseKind = "fin",
+    timeout: float = 5.0,
+) -> float:
+    """Send a request, read until ``until`` (if given), wait ``wait`` seconds, then leave
+    with ``how``; return ``time.monotonic()`` just before the close."""
+    with connect(port, timeout) as sock:
+        sock.sendall(request_bytes(method, path, headers, body))
+        if until is not None:
+            read_until(sock, until, timeout=timeout)
+        if wait > 0:
+            time.sleep(wait)
+        left_at = time.monotonic()
+        close(sock, how)
+    return left_at
+
+
+class _Reader:
+    """What one socket has sent and nobody consumed yet, received within bounds."""
+
+    def __init__(self, sock: socket.socket, limit: int, timeout: float) -> None:
+        self.sock = sock
+        self.data = bytearray()
+        self.limit = limit
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.received = 0
+
+    def fill(self, done: Callable[[], bool], what: str, *, eof: bool = False) -> None:
+        """Receive until ``done()``; at the end of the stream return if ``eof``, else raise."""
+        # Each round receives one byte at least, so the byte limit bounds the rounds too.
+        for _ in range(self.limit + 2):
+            if done():
+                return
+            if self.received > self.limit:
+                raise ValueError(f"{what}: not in the first {self.limit} bytes: {self._seen()}")
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._late(what)
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise self._late(what) from None
+            except ConnectionResetError as exc:
+                raise ConnectionResetError(f"{what}: the connection was reset: {self._seen()}") from exc
+            if not chunk:
+                if eof:
+                    return
+                raise ConnectionError(f"{what}: the connection closed first: {self._seen()}")
+            self.data += chunk
+            self.received += len(chunk)
+
+    def until(self, separator: bytes, what: str) -> bytes:
+        """Consume up to and including ``separator``; return what came before it."""
+        self.fill(lambda: separator in self.data, what)
+        before, _, after = self.data.partition(separator)
+        self.data = after
+        return bytes(before)
+
+    def take(self, size: int, what: str) -> bytes:
+        """Consume ``size`` bytes."""
+        self.fill(lambda: len(self.data) >= size, what)
+        taken = bytes(self.data[:size])
+        del self.data[:size]
+        return taken
+
+    def rest(self, what: str) -> bytes:
+        """Consume all until the end of the stream."""
+        self.fill(lambda: False, what, eof=True)
+        taken = bytes(self.data)
+        self.data.clear()
+        return taken
+
+    def _late(self, what: str) -> TimeoutError:
+        return TimeoutError(f"{what}: not within {self.timeout:g} s: {self._seen()}")
+
+    def _seen(self) -> str:
+        return f"{self.received} bytes received, {bytes(self.data[:200])!r}"
+
+
+def _chunked_body(reader: _Reader) -> bytes:
+    body = bytearray()
+    for _ in range(reader.limit):  # a chunk takes 5 bytes at least
+        line = reader.until(b"\r\n", "a chunk size")
+        try:
+            size = int(line.partition(b";")[0], 16)  # a chunk extension is dropped
+        except ValueError:
+            raise ValueError(f"not a chunk size: {line[:80]!r}") from None
+        if size == 0:
+            for _ in range(reader.limit):  # the trailers, dropped, up to the empty line
+                if not reader.until(b"\r\n", "the trailers"):
+                    break
+            return bytes(body)
+        chunk = reader.take(size + 2, "a chunk")
+        if chunk[size:] != b"\r\n":
+            raise ValueError(f"a chunk of {size} bytes does not end with CRLF: {chunk[-40:]!r}")
+        body += chunk[:size]
+    raise ValueError(f"more than {reader.limit} chunks")

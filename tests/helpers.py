@@ -1,0 +1,68 @@
+"""Helpers shared by the real-server tests, on top of tests/servers.py.
+
+The clients are blocking: run them in a worker thread (``anyio.to_thread.run_sync``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Literal
+
+import anyio
+import anyio.from_thread
+from _measure import Serve
+
+from tests.servers import ServerKind, close, raw_connection, read_response, request_bytes, run_server, wait_for
+
+Close = Literal["fin", "rst"]  # how a client leaves: an orderly FIN, or an abortive RST
+CLOSES: tuple[Close, ...] = ("fin", "rst")
+
+
+def served_by(kind: ServerKind) -> Serve:
+    """What an example's run is served by: ``kind``, in the test's own event loop."""
+    return lambda app: run_server(app, kind)
+
+
+def fetch(port: int, method: str = "GET", path: str = "/", body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """One request on a connection of its own, read to the end: status, headers, body."""
+    with raw_connection(port) as sock:
+        sock.sendall(request_bytes(method, path, body=body))
+        return read_response(sock)
+
+
+def leave_once_started(port: int, path: str, started: anyio.Event, how: Close) -> None:
+    """Request ``path``, then leave (FIN or RST) as soon as its handler has set ``started``."""
+    with raw_connection(port) as sock:
+        sock.sendall(request_bytes("GET", path))
+        anyio.from_thread.run(wait_for, started, f"the handler of {path} started")
+        close(sock, how)
+
+
+class Records(logging.Handler):
+    """Keeps every record of its level or above, from the loggers it is installed on."""
+
+    def __init__(self, level: int = logging.DEBUG) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def recording(handler: Records, *names: str) -> Iterator[None]:
+    """Install ``handler`` on the loggers ``names`` for the block.
+
+    Only once the server runs: uvicorn's logging setup removes the handlers of
+    "uvicorn.error" when it starts.
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
