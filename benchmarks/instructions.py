@@ -64,7 +64,7 @@ from overhead import INSTRUCTIONS_BUDGET, SERVER_BUDGET_LOSS
 
 from asgi_disconnect import _loopback as loopback
 
-VARIANTS = ("bare", "passthrough", "observe", "cancel", "fastapi-disconnect", "aiofence")
+VARIANTS = apps.with_before(("bare", "passthrough", "observe", "cancel", "fastapi-disconnect", "aiofence"))
 BUDGETED = ("observe", "cancel")
 WARMUP = 300
 _TOTALS = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
