@@ -92,18 +92,19 @@ class FastRequest(Request):
     _cancel_handle: asyncio.Handle | None = None  # the grace timer
     _canceller: NativeCanceller | None = None
     _warn_handle: asyncio.TimerHandle | None = None
+    _besides: list[asyncio.Task[None]] | None = None  # what _beside() started
 
     def start(self, awaitable: Awaitable[None]) -> Awaitable[None] | None:
-        # The first step, by hand (invariant 1). next() on the awaitable's iterator: it
-        # returns _DONE, raising nothing, for an app that answered without suspending.
-        step = awaitable.__await__()
-        suspended = next(step, _DONE)
+        if type(awaitable) is not types.CoroutineType:
+            awaitable = _as_coroutine(awaitable)  # any other awaitable an ASGI callable returns
+        # The first step, by hand (invariant 1). next() on the coroutine's iterator returns
+        # _DONE, raising nothing, for an app that answered without suspending.
+        app = cast("Coroutine[Any, Any, None]", awaitable)
+        suspended = next(app.__await__(), _DONE)
         if suspended is _DONE:
             return None
         _batch_for(self._own_task().get_loop()).append(self)
-        # A coroutine is delegated to natively from its second step on (invariant 2).
-        app = cast("Generator[Any, Any, None]", awaitable) if type(awaitable) is types.CoroutineType else step
-        return _resume(app, suspended)
+        return _resume(app, suspended)  # natively delegated to from its second step (invariant 2)
 
     def _own_task(self) -> asyncio.Task[Any]:
         # Looked up at the first need, which always comes in the request's own task: its
@@ -141,7 +142,11 @@ class FastRequest(Request):
     def _beside(self, func: Callable[[], Coroutine[Any, Any, None]]) -> Cancellable | None:
         if self._stage == FINISHED:
             return None
-        return asyncio.get_running_loop().create_task(func())
+        task = self._own_task().get_loop().create_task(func())
+        if self._besides is None:
+            self._besides = []
+        self._besides.append(task)  # stopped with the request, whatever became of its stream
+        return task
 
     def _interruption(self) -> Interruption:
         loop = asyncio._get_running_loop()
@@ -164,11 +169,19 @@ class FastRequest(Request):
             if self._warn_handle is not None:
                 self._warn_handle.cancel()
                 self._warn_handle = None
+        if self._besides is not None:
+            for helper in self._besides:
+                helper.cancel()
+            self._besides = None
         self._task = None
 
 
+async def _as_coroutine(awaitable: Awaitable[None]) -> None:
+    await awaitable
+
+
 @types.coroutine
-def _resume(app: Generator[Any, Any, None], suspended: Any) -> Generator[Any, Any, None]:
+def _resume(app: Coroutine[Any, Any, None], suspended: Any) -> Generator[Any, Any, None]:
     """Await ``app``, whose first step yielded ``suspended``, as ``await app`` would have:
     the task gets ``suspended``, and every later step is delegated natively."""
     while True:
@@ -194,13 +207,15 @@ def _resume(app: Generator[Any, Any, None], suspended: Any) -> Generator[Any, An
 
 # -- the watchers of one loop iteration (invariant 3) ---------------------------------------
 
+# Per event loop, like asyncio's own table of current tasks, and shared by every middleware
+# instance: one callback per loop iteration, however many instances a server stacks.
 _batches: dict[asyncio.AbstractEventLoop, list[FastRequest]] = {}
 
 
 def _batch_for(loop: asyncio.AbstractEventLoop) -> list[FastRequest]:
     batch = _batches.get(loop)
     if batch is None:
-        for stale in [other for other in _batches if other.is_closed()]:
+        for stale in [other for other in list(_batches) if other.is_closed()]:
             del _batches[stale]  # its loop closed before its callback ran
         batch = _batches[loop] = []
         loop.call_soon(_start_watchers, loop)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -66,7 +67,7 @@ async def released_send(message: Message) -> None:
     raise RuntimeError(f"ASGI send() called after the application returned: {message.get('type')!r}")
 
 
-RELEASED_SCOPE: Scope = {}
+RELEASED_SCOPE: Mapping[str, Any] = MappingProxyType({})
 
 
 class Channel:
@@ -78,7 +79,7 @@ class Channel:
     whose app calls ``receive()`` or that gets a watcher, never for the others.
     """
 
-    def __init__(self, request: Request, receive: Receive, scope: Scope, max_read_ahead: int) -> None:
+    def __init__(self, request: Request, receive: Receive, scope: Mapping[str, Any], max_read_ahead: int) -> None:
         self._request = request
         self._receive = receive
         self._scope = scope
@@ -221,7 +222,7 @@ class Request(DisconnectState):
     # request that needs them overrides (docs/design.md, "The plain path").
     __slots__ = ("_options", "_receive", "_scope", "_send", "_stage", "_start", "bytes_sent", "cancel", "started_at")
     _options: Options
-    _scope: Scope
+    _scope: Mapping[str, Any]
     _receive: Receive
     _send: Send
     _stage: int
@@ -324,7 +325,7 @@ class Request(DisconnectState):
         try:
             await self.app_send(message)
         except OSError as exc:
-            if not gone:
+            if not gone and self._stage != FINISHED:
                 # Only the server's send() can have raised: the client is gone, and the
                 # message was not delivered, even if the app goes on.
                 self._refused = exc
@@ -337,12 +338,14 @@ class Request(DisconnectState):
 
     async def _within_send_timeout(self, message: Message) -> None:
         timeout = self._options.send_timeout
+        counted = self._stage <= RESPONDING  # app_send() counts it in the figures
         with anyio.move_on_after(timeout) as timer:
             await self.app_send_checked(message)
         if timer.cancelled_caught:
             # A peer that stopped reading (half-open TCP, a stuck client): it is gone, and
             # the message it did not take was not delivered.
-            self._undo(message)
+            if counted:
+                self._undo(message)
             self._client_left("stalled", refused=True)
             raise ClientDisconnected(f"client stalled: one send blocked more than {timeout} s")
 
@@ -352,6 +355,8 @@ class Request(DisconnectState):
             kind = message["type"]
             if kind == "http.response.start":
                 self._start = None
+                if self.phase == "mid_body":  # recorded meanwhile, from the start it refused
+                    self.phase = "before_response"
             elif kind == "http.response.body":
                 self.bytes_sent -= len(message.get("body", b""))
         return "mid_body" if self._start is not None else "before_response"
@@ -375,18 +380,21 @@ class Request(DisconnectState):
         if raise_after:
             raise self._departed()
 
-    async def _send_frame(self, frame: bytes) -> None:
+    async def _send_frame(self, frame: bytes) -> bool:
+        if self._stage == OPEN:
+            return True  # no response yet: a frame may go once it has started
         start = self._start
         if start is None or self._stage != RESPONDING:
-            return
+            return False  # complete, aborted or returned: never again
         if any(name.lower() == b"content-length" for name, _ in start.get("headers", ())):
-            return  # a framed body: extra bytes would corrupt it
+            return False  # a framed body: extra bytes would corrupt it
         try:
             await self._send({"type": "http.response.body", "body": frame, "more_body": True})
         except OSError:
             self._client_left()
-            return
+            return False
         self.bytes_sent += len(frame)
+        return True
 
     # -- the departure --------------------------------------------------------------------
 
@@ -400,9 +408,15 @@ class Request(DisconnectState):
         return True
 
     def _client_left(self, phase: Phase | None = None, *, refused: bool = False) -> None:
-        """The client is gone while the app runs: record it, and cancel if the policy says so."""
-        if self._record_departure(phase, refused=refused) and self.cancel:  # the policy as it stands now
-            self._cancel_soon(self._cancel_delay())
+        """The client is gone while the app runs: record it, and cancel if the policy says so.
+
+        Never a cancellation once the app has sent its final message, even one the server
+        refused: what the app does after its response (its cleanup, background tasks) is
+        never disturbed.
+        """
+        complete = self._stage == COMPLETE
+        if self._record_departure(phase, refused=refused) and self.cancel and not complete:
+            self._cancel_soon(self._cancel_delay())  # the policy as it stands now
 
     def _cancel_delay(self) -> float:
         """The grace period, or longer for an app that may be about to listen itself.

@@ -110,8 +110,12 @@ class DisconnectState:
         """Run ``func`` beside the app until the request ends; None: it cannot here."""
         return None
 
-    async def _send_frame(self, frame: bytes) -> None:
-        """Send ``frame`` as body bytes if the response is an open, unframed stream."""
+    async def _send_frame(self, frame: bytes) -> bool:
+        """Send ``frame`` as body bytes if the response is an open, unframed stream.
+
+        False once no frame can ever be sent: the heartbeats stop.
+        """
+        return False
 
     def _interruption(self) -> Interruption:
         """A scope for one wait that ``cancel()`` interrupts (anyio's, on every backend)."""

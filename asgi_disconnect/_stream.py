@@ -148,7 +148,8 @@ class GuardedStream(Generic[T]):
                 # The consumer waits for the body, so it is not sending: the frame can go.
                 self._sending_beat = anyio.Event()
                 try:
-                    await self._state._send_frame(self._frame)
+                    if not await self._state._send_frame(self._frame):
+                        return  # the response is over, or takes no frames
                 finally:
                     self._sending_beat.set()
                     self._sending_beat = None

@@ -3,9 +3,11 @@ happens to calls made after the app returned, and guard_stream on a state made b
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import types
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any
 
 import anyio
@@ -180,3 +182,117 @@ async def test_a_state_kept_after_a_refused_send_holds_nothing_of_the_server() -
     assert_released(refs)
     state = kept[0]
     assert state.disconnected and state.phase == "before_response"
+
+
+class FinalRefusingServer(Server):
+    """An ASGI 2.4 server that takes the response start and refuses its final body."""
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body":
+            raise ConnectionResetError("the client went away")
+        await self.peer.send(message)
+
+
+async def test_cleanup_after_a_refused_final_message_is_never_cancelled() -> None:
+    """Cancel mode: a server that refuses the last body records the departure, and the app's cleanup runs to its end."""
+    log: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+        try:
+            await send({"type": "http.response.body", "body": b"ok"})
+        except OSError:
+            log.append("refused")
+        await anyio.sleep(0.05)  # cleanup that awaits, longer than the grace period
+        log.append("cleanup done")
+
+    server = FinalRefusingServer(Peer())
+    scope = http_scope()
+    scope["asgi"] = {"version": "3.0", "spec_version": "2.4"}
+    kept: list[DisconnectState] = []
+
+    async def keeping(scope: Scope, receive: Receive, send: Send) -> None:
+        kept.append(disconnect_state(scope))
+        await app(scope, receive, send)
+
+    with anyio.fail_after(2):
+        await DisconnectMiddleware(keeping, cancel=True)(scope, server.receive, server.send)
+    assert log == ["refused", "cleanup done"]
+    assert kept[0].disconnected and kept[0].phase == "mid_body"
+    assert not kept[0].cancelled
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_generator_based_coroutine_is_awaited() -> None:
+    """An ASGI callable may return a ``types.coroutine`` generator: it is awaited as any awaitable."""
+    peer = Peer()
+
+    @types.coroutine
+    def answer(send: Send) -> Generator[Any, Any, None]:
+        yield  # a bare suspension, as asyncio.sleep(0)
+        yield from send(START).__await__()
+        yield from send({"type": "http.response.body", "body": b"ok"}).__await__()
+
+    def app(scope: Scope, receive: Receive, send: Send) -> Any:
+        return answer(send)
+
+    with anyio.fail_after(1):
+        await DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
+    assert peer.body == b"ok"
+
+
+@pytest.mark.fast_path
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_heartbeats_of_an_abandoned_stream_end_with_the_request() -> None:
+    """A guarded stream the app left unclosed stops its heartbeats when the request ends, even by close()."""
+    peer = Peer()
+
+    async def ticks() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield b"data: 2\n\n"
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+        stream = guard_stream(ticks(), scope, heartbeat=0.01)
+        await send({"type": "http.response.body", "body": await anext(stream), "more_body": True})
+        await anyio.sleep_forever()  # the stream is abandoned, never closed
+
+    coro = DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
+    coro.send(None)  # the app sleeps; its stream's heartbeats are running
+    coro.close()
+
+    def beating() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if "_heartbeats" in repr(t.get_coro()) and not t.done()]
+
+    await anyio.sleep(0.05)  # a few heartbeat periods
+    assert beating() == []
+
+
+class StallingServer(Server):
+    """A server whose client stopped reading: every body send blocks."""
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body":
+            await anyio.sleep_forever()
+        await self.peer.send(message)
+
+
+async def test_a_stalled_send_of_an_app_that_listens_counts_nothing() -> None:
+    """A send that was never counted (the app was told of the departure) is not taken off bytes_sent when it stalls."""
+    peer = Peer()
+    server = StallingServer(peer)
+    kept: list[DisconnectState] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        kept.append(disconnect_state(scope))
+        await receive()  # the body
+        peer.disconnect()
+        assert (await receive())["type"] == "http.disconnect"  # told: it handles the departure itself
+        await send(START)
+        with pytest.raises(OSError):
+            await send({"type": "http.response.body", "body": b"late"})
+
+    with anyio.fail_after(2):
+        await DisconnectMiddleware(app, send_timeout=0.05)(http_scope(), server.receive, server.send)
+    assert kept[0].disconnected
+    assert kept[0].bytes_sent == 0
