@@ -317,7 +317,7 @@ class Request(DisconnectState):
             return self._send(message)
         if self._streams:
             return self._close_streams(raise_after=True)
-        raise self._departed()
+        raise self._departure_error()
 
     async def app_send_checked(self, message: Message) -> None:
         """``app_send`` for a server that may raise (ASGI 2.4): a refused send is recorded."""
@@ -361,7 +361,7 @@ class Request(DisconnectState):
                 self.bytes_sent -= len(message.get("body", b""))
         return "mid_body" if self._start is not None else "before_response"
 
-    def _departed(self) -> ClientDisconnected:
+    def _departure_error(self) -> ClientDisconnected:
         return ClientDisconnected(f"client disconnected ({self.phase}); the response was not delivered")
 
     # -- what guard_stream uses -----------------------------------------------------------
@@ -378,7 +378,7 @@ class Request(DisconnectState):
         for stream in streams:
             await stream.aclose()
         if raise_after:
-            raise self._departed()
+            raise self._departure_error()
 
     async def _send_frame(self, frame: bytes) -> bool:
         if self._stage == OPEN:
