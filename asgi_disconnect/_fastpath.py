@@ -224,8 +224,7 @@ def _batch_for(loop: asyncio.AbstractEventLoop) -> list[FastRequest]:
 
 def _start_watchers(loop: asyncio.AbstractEventLoop) -> None:
     for request in _batches.pop(loop, ()):
-        if request._stage < FINISHED:
-            request._start_watcher(loop)
+        request._start_watcher(loop)  # which checks that it is still needed
 
 
 # -- native cancellation (invariant 4) -----------------------------------------------------

@@ -359,6 +359,10 @@ class Request(DisconnectState):
                     self.phase = "before_response"
             elif kind == "http.response.body":
                 self.bytes_sent -= len(message.get("body", b""))
+        return self._phase_now()
+
+    def _phase_now(self) -> Phase:
+        """Where a departure now stands: did the server take the response's start?"""
         return "mid_body" if self._start is not None else "before_response"
 
     def _departure_error(self) -> ClientDisconnected:
@@ -404,7 +408,7 @@ class Request(DisconnectState):
         if stage >= ABORTED or (stage == COMPLETE and not refused):
             return False  # recorded already, after the whole response, or after the app
         self._stage = ABORTED
-        self._record(phase or ("mid_body" if self._start is not None else "before_response"), time.monotonic())
+        self._record(phase or self._phase_now(), time.monotonic())
         return True
 
     def _client_left(self, phase: Phase | None = None, *, refused: bool = False) -> None:
@@ -527,7 +531,7 @@ class Request(DisconnectState):
                 del error
 
     def _cancel_soon(self, delay: float) -> None:
-        if self._tg is not None and self._stage != FINISHED:
+        if self._tg is not None:  # None once the app has returned
             self._spawn(self._cancel_after, delay)
 
     async def _cancel_after(self, delay: float) -> None:
@@ -547,7 +551,7 @@ class Request(DisconnectState):
         return None
 
     def _beside(self, func: Callable[[], Coroutine[Any, Any, None]]) -> Cancellable | None:
-        return self._spawn(func) if self._tg is not None and self._stage < FINISHED else None
+        return self._spawn(func) if self._tg is not None else None  # None once the app has returned
 
     def _spawn(self, func: Callable[..., Awaitable[None]], *args: Any) -> anyio.CancelScope:
         """Run ``func`` beside the app until ``_stop_helpers()`` or its scope stops it.
