@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 import os
 import signal
@@ -22,9 +23,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import anyio
+import sniffio
 
 from asgi_disconnect._types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,6 +35,9 @@ HOST = "127.0.0.1"
 MAX_READ = 1 << 24
 
 ServerName = Literal["uvicorn", "uvicorn-h11", "uvicorn-httptools", "hypercorn"]
+SERVERS: tuple[ServerName, ...] = ("uvicorn", "uvicorn-h11", "uvicorn-httptools", "hypercorn")
+#: Whether the server runs the app's lifespan: uvicorn's setting of the same name.
+Lifespan = Literal["auto", "on", "off"]
 CloseKind = Literal["fin", "rst"]
 
 
@@ -61,22 +66,37 @@ class LiveServer:
 
 @contextlib.asynccontextmanager
 async def serve(
-    app: ASGIApp, *, server: ServerName = "uvicorn", start_timeout: float = 5.0, stop_timeout: int = 10
+    app: ASGIApp,
+    *,
+    server: ServerName = "uvicorn",
+    lifespan: Lifespan = "off",
+    start_timeout: float = 5.0,
+    stop_timeout: int = 10,
 ) -> AsyncIterator[LiveServer]:
-    """Serve ``app`` with a real server on 127.0.0.1 in this (asyncio) event loop.
+    """Serve ``app`` with a real server on 127.0.0.1 in this event loop.
 
-    The socket listens on an ephemeral port before the server starts, so no other process
-    can take the port and a client may connect at once. It yields once the server has
-    started: uvicorn runs without lifespan; hypercorn always sends it, and has started once
-    the app's lifespan startup is over (an app that raises there is served without
-    lifespan, as hypercorn does). A server that stops first (an app that reports
-    ``lifespan.startup.failed``) or takes longer than ``start_timeout`` raises
-    :class:`ServerStartError`, with nothing left running. On exit the server stops, giving
-    the requests still running ``stop_timeout`` seconds; an exception of the ``async with``
-    block comes out as it is, after the server has stopped. The servers log to their stdlib
-    loggers (``uvicorn.error``, ``hypercorn.error``), warnings and errors only, and never
+    uvicorn runs on asyncio only; hypercorn on asyncio and on trio. The socket listens on
+    an ephemeral port before the server starts, so no other process can take the port and
+    a client may connect at once. It yields once the server has started, after the app's
+    lifespan startup where there is one: ``lifespan`` is uvicorn's setting (``"auto"``: an
+    app that raises on the lifespan scope is served without it; ``"on"``; ``"off"``: the
+    app never sees the lifespan scope), and hypercorn is made to follow it. A server that
+    stops first (an app that reports ``lifespan.startup.failed``), is not installed, or
+    takes longer than ``start_timeout`` raises :class:`ServerStartError`, with nothing
+    left running. On exit the server stops, giving the requests still running
+    ``stop_timeout`` seconds; an exception of the ``async with`` block comes out as it is,
+    after the server has stopped. The servers log to their stdlib loggers
+    (``uvicorn.error``, ``hypercorn.error``), warnings and errors only, and never
     configure logging.
     """
+    if server not in SERVERS:
+        raise ValueError(f"server must be one of {', '.join(map(repr, SERVERS))}, got {server!r}")
+    if lifespan not in ("auto", "on", "off"):
+        raise ValueError(f"lifespan must be 'auto', 'on' or 'off', got {lifespan!r}")
+    on_trio = sniffio.current_async_library() == "trio"
+    if on_trio and server != "hypercorn":
+        raise RuntimeError(f"{server} runs on asyncio only: on trio, serve with server='hypercorn'")
+    _require(server)
     sock = _listening_socket()
     live = LiveServer(server, sock.getsockname()[1])
     failure: ServerStartError | None = None
@@ -84,9 +104,9 @@ async def serve(
     try:
         async with anyio.create_task_group() as tg:
             if server == "hypercorn":
-                running = _hypercorn(app, sock, stop_timeout)
+                running = _hypercorn(app, sock, lifespan, stop_timeout, on_trio)
             else:
-                running = _uvicorn(app, _UVICORN_HTTP[server], sock, stop_timeout)
+                running = _uvicorn(app, _UVICORN_HTTP[server], sock, lifespan, stop_timeout)
             tg.start_soon(running.run)
             failure = await running.wait_started(start_timeout)
             if failure is None:
@@ -109,6 +129,28 @@ async def serve(
 
 
 _UVICORN_HTTP = {"uvicorn": "auto", "uvicorn-h11": "h11", "uvicorn-httptools": "httptools"}
+#: What each server needs installed, and the command that installs it.
+_NEEDS = {
+    "uvicorn": (("uvicorn",), "pip install uvicorn"),
+    "uvicorn-h11": (("uvicorn", "h11"), "pip install uvicorn h11"),
+    "uvicorn-httptools": (("uvicorn", "httptools"), "pip install uvicorn httptools"),
+    "hypercorn": (("hypercorn",), "pip install hypercorn"),
+}
+
+
+def missing(server: ServerName) -> str | None:
+    """Why ``server`` cannot run here (a module it needs is not installed), or None."""
+    modules, install = _NEEDS[server]
+    absent = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not absent:
+        return None
+    return f"{server} needs {' and '.join(absent)}, which is not installed ({install})"
+
+
+def _require(server: ServerName) -> None:
+    why = missing(server)
+    if why is not None:
+        raise ServerStartError(why)
 
 
 def _listening_socket() -> socket.socket:
@@ -130,19 +172,25 @@ class _Running:
     """A server's task in :func:`serve`: whether it has started, how it ended, how to stop it."""
 
     def __init__(
-        self, name: str, serve: Callable[[], Awaitable[None]], started: Callable[[], bool], stop: Callable[[], None]
+        self,
+        name: str,
+        serve: Callable[[], Awaitable[None]],
+        started: Callable[[], bool],
+        stop: Callable[[], None],
+        refused: Callable[[], Exception | None] = lambda: None,
     ) -> None:
         self.name = name
         self.serve = serve
         self.started = started
         self.stop = stop
+        self.refused = refused  # what made a server that goes on running unfit to start
         self.ended = False
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
 
     async def run(self) -> None:
         try:
             await self.serve()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # uvicorn exits when the lifespan startup fails
             if self.started():
                 raise
             self.error = exc  # wait_started() reports it
@@ -155,8 +203,15 @@ class _Running:
             for _ in range(int(within * 100) + 1):
                 if self.started():
                     return None
+                refused = self.refused()
+                if refused is not None:
+                    failure = ServerStartError(
+                        f"{self.name} did not start: the app raised {refused!r} in its lifespan startup"
+                    )
+                    failure.__cause__ = refused
+                    return failure
                 if self.ended:
-                    why = "it stopped" if self.error is None else f"{type(self.error).__name__}: {self.error}"
+                    why = _why_stopped(self.error)
                     failure = ServerStartError(f"{self.name} did not start: {why}")
                     failure.__cause__ = self.error
                     return failure
@@ -164,13 +219,21 @@ class _Running:
         return ServerStartError(f"{self.name} did not start within {within:g} s")
 
 
-def _uvicorn(app: ASGIApp, http: str, sock: socket.socket, stop_timeout: int) -> _Running:
+def _why_stopped(error: BaseException | None) -> str:
+    if error is None:
+        return "it stopped"
+    if isinstance(error, SystemExit):
+        return f"it exited with status {error.code} (the app's lifespan startup failed)"
+    return f"{type(error).__name__}: {error}"
+
+
+def _uvicorn(app: ASGIApp, http: str, sock: socket.socket, lifespan: Lifespan, stop_timeout: int) -> _Running:
     import uvicorn
 
     config = uvicorn.Config(
         app,
         http=http,
-        lifespan="off",
+        lifespan=lifespan,
         log_config=None,
         log_level="warning",
         access_log=False,
@@ -184,12 +247,17 @@ def _uvicorn(app: ASGIApp, http: str, sock: socket.socket, stop_timeout: int) ->
     return _Running("uvicorn", functools.partial(server.serve, sockets=[sock]), lambda: server.started, stop)
 
 
-def _hypercorn(app: ASGIApp, sock: socket.socket, stop_timeout: int) -> _Running:
-    from hypercorn.asyncio import serve as hypercorn_serve
+def _hypercorn(app: ASGIApp, sock: socket.socket, lifespan: Lifespan, stop_timeout: int, on_trio: bool) -> _Running:
     from hypercorn.config import Config
 
-    startup = _LifespanStartup(app)
-    served: ASGIApp = startup  # hypercorn's types of an app are narrower than the package's
+    hypercorn_serve: Callable[..., Awaitable[None]]
+    if on_trio:
+        from hypercorn.trio import serve as hypercorn_serve
+    else:
+        from hypercorn.asyncio import serve as hypercorn_serve
+
+    startup = _LifespanStartup(app, lifespan)
+    served: Any = startup  # hypercorn's types of an app are narrower than the package's
     stopping = anyio.Event()
 
     async def run() -> None:
@@ -206,21 +274,31 @@ def _hypercorn(app: ASGIApp, sock: socket.socket, stop_timeout: int) -> _Running
         finally:
             _close_duplicate(fd, sock)
 
-    return _Running("hypercorn", run, lambda: startup.over, stopping.set)
+    return _Running("hypercorn", run, lambda: startup.over, stopping.set, lambda: startup.error)
 
 
 class _LifespanStartup:
     """``app``, and whether hypercorn is past the lifespan startup: over once the app has
     sent ``lifespan.startup.complete``, or has returned or raised without reporting a
-    failed startup (hypercorn then serves without lifespan)."""
+    failed startup (hypercorn then serves without lifespan).
 
-    def __init__(self, app: ASGIApp) -> None:
+    hypercorn always runs the lifespan: with ``"off"`` it is answered here and the app
+    never sees it, and with ``"on"`` an app that raises there stops the server, as
+    uvicorn does.
+    """
+
+    def __init__(self, app: ASGIApp, lifespan: Lifespan) -> None:
         self.app = app
+        self.lifespan = lifespan
         self.over = False
+        self.error: Exception | None = None  # what the app raised in a startup that had to succeed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
+            return
+        if self.lifespan == "off":
+            await self._answer_alone(receive, send)
             return
         failed = False
 
@@ -233,8 +311,25 @@ class _LifespanStartup:
 
         try:
             await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            if self.lifespan == "on" and not self.over:
+                self.error = exc  # as uvicorn with lifespan="on": the server does not start
+            raise
         finally:
-            self.over = self.over or not failed
+            self.over = self.over or not (failed or self.error is not None)
+
+
+    async def _answer_alone(self, receive: Receive, send: Send) -> None:
+        # Answered here without the app: an app that returns at once would do as well on
+        # asyncio, but hypercorn's trio worker then sends to a closed channel.
+        for _ in range(2):  # startup, then shutdown
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+                self.over = True
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
 
 def _close_duplicate(fd: int, sock: socket.socket) -> None:

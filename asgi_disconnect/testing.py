@@ -8,26 +8,42 @@ how long the handler kept running after the client left::
     outcome = await simulate(app, path="/stream", leave=leave.after_chunks(2))
     outcome.assert_aborted(phase="mid_body", within_ms=50)
 
-It runs in the caller's event loop (asyncio or trio, through anyio) and imports no server
-or framework. Starlette's TestClient and httpx's ASGITransport never deliver a mid-request
-disconnect; this module does nothing else.
+``serve()`` runs the app on a real server (uvicorn or hypercorn) on 127.0.0.1 instead, and
+``live.request()`` sends a request from a raw socket that leaves with a FIN or an RST::
+
+    async with serve(app, server="uvicorn") as live:
+        outcome = await live.request(path="/stream", leave=leave.after_chunks(2, how="rst"))
+    outcome.assert_aborted(phase="mid_body", within_ms=50)
+
+Both run in the caller's event loop (asyncio or trio, through anyio), so the test and the
+app share their state; a server is imported when it starts, never with this module.
+Starlette's TestClient and httpx's ASGITransport never deliver a mid-request disconnect;
+this module does nothing else. Its pytest plugin (``asgi_disconnect.pytest_plugin``) runs a
+test in process and on each server in turn.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import inspect
+import logging
 import math
+import socket
 import time
-from collections.abc import Iterable
+import traceback
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
 
+from . import _loopback
+from ._loopback import Lifespan, ServerName, ServerStartError
 from ._state import SCOPE_KEY, DisconnectState
-from ._types import ASGIApp, Message
+from ._types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Departure", "Outcome", "leave", "simulate"]
+__all__ = ["Departure", "Live", "LogLine", "Outcome", "ServerStartError", "leave", "serve", "simulate"]
 
 #: How the client closes its socket: a FIN (a normal close) or an RST (an abortive one).
 How = Literal["fin", "rst"]
@@ -111,6 +127,23 @@ class leave:
 _NEVER = leave.never()
 
 
+@dataclass(frozen=True)
+class LogLine:
+    """A line a server logged while a request ran: its logger, level and message, and the
+    traceback it printed (None if it printed none)."""
+
+    logger: str
+    level: str
+    message: str
+    traceback: str | None = None
+    #: ``time.monotonic()`` when it was logged.
+    at: float = 0.0
+
+    def __str__(self) -> str:
+        text = f"{self.level} {self.logger}: {self.message}"
+        return text if self.traceback is None else f"{text}\n{self.traceback}"
+
+
 @dataclass
 class Outcome:
     """What one simulated request did, seen from the client and from the app.
@@ -148,6 +181,15 @@ class Outcome:
     duration_ms: float | None = None
     #: The timeout the request ran with, in seconds.
     timeout: float = 5.0
+    #: Where the app ran: ``"in-process"`` (``simulate``) or the server's name (``serve``).
+    server: str = "in-process"
+    #: What the server logged while the request ran (``serve`` only: warnings and errors).
+    server_log: list[LogLine] = field(default_factory=list)
+
+    @property
+    def tracebacks(self) -> list[LogLine]:
+        """The lines of ``server_log`` that printed a traceback."""
+        return [line for line in self.server_log if line.traceback is not None]
 
     def summary(self) -> str:
         """What happened, in one paragraph (every failure message ends with it)."""
@@ -170,11 +212,19 @@ class Outcome:
             middleware = "no DisconnectState (DisconnectMiddleware is not installed)"
         else:
             middleware = f"state {self.state!r}"
-        return f"{client}; {response}; {handler}; {middleware}."
+        text = f"{self.server}: {client}; {response}; {handler}; {middleware}."
+        if self.server_log:
+            text += f" The server logged {len(self.server_log)} line(s), {len(self.tracebacks)} with a traceback:"
+            text += "".join(f"\n  {line.level} {line.logger}: {line.message}" for line in self.server_log)
+        return text
+
+    def _log_problems(self) -> list[str]:
+        return [f"the server logged a traceback ({line.message!r})" for line in self.tracebacks]
 
     def assert_aborted(self, *, phase: str | None = None, within_ms: float | None = None) -> None:
         """Assert that the middleware recorded the departure (in ``phase``) and the handler
-        returned within ``within_ms`` of it, with nothing escaping the app."""
+        returned within ``within_ms`` of it, with nothing escaping the app and no traceback
+        in the server's log."""
         problems: list[str] = []
         if not self.left:
             problems.append("the client never left")
@@ -197,11 +247,13 @@ class Outcome:
                 )
         if self.exception is not None:
             problems.append(f"{self.exception!r} escaped the app")
+        problems += self._log_problems()
         if problems:
             raise AssertionError(f"not aborted cleanly: {'; '.join(problems)}. What happened: {self.summary()}")
 
     def assert_completed(self) -> None:
-        """Assert that the client received the whole response and no departure was recorded."""
+        """Assert that the client received the whole response, no departure was recorded,
+        nothing escaped the app and the server logged no traceback."""
         problems: list[str] = []
         if self.timed_out:
             problems.append(f"the handler was still running at the timeout ({self.timeout:g} s)")
@@ -215,6 +267,7 @@ class Outcome:
             problems.append(f"the middleware recorded a departure ({self.state.phase})")
         if self.exception is not None:
             problems.append(f"{self.exception!r} escaped the app")
+        problems += self._log_problems()
         if problems:
             raise AssertionError(f"not completed: {'; '.join(problems)}. What happened: {self.summary()}")
 
@@ -227,26 +280,31 @@ class _Scope(dict[str, Any]):
     ``Outcome`` gets the request's state without reaching into the app.
     """
 
-    def __init__(self, server: _FakeServer, *args: Any) -> None:
+    def __init__(self, seen: _Seen, *args: Any) -> None:
         super().__init__(*args)
-        self._server = server
+        self._seen = seen
 
     def copy(self) -> _Scope:
-        return _Scope(self._server, self)
+        return _Scope(self._seen, self)
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
-        if key == SCOPE_KEY and isinstance(value, DisconnectState) and self._server.state is None:
-            self._server.state = value
+        if key == SCOPE_KEY and isinstance(value, DisconnectState) and self._seen.state is None:
+            self._seen.state = value
 
 
-class _FakeServer:
+class _Seen:
+    """What a request's ``_Scope`` reports to: the ``DisconnectState`` the middleware stored."""
+
+    state: DisconnectState | None = None
+
+
+class _FakeServer(_Seen):
     """The server side of one request, with the client that leaves at its departure point."""
 
     def __init__(self, departure: Departure, body: bytes, drop: bool) -> None:
         self.departure = departure
         self.drop = drop
-        self.state: DisconnectState | None = None
         # the client
         self.left_at: float | None = None
         self._gone = anyio.Event()
@@ -347,6 +405,24 @@ def _check_app(app: Any) -> None:
         ) from None
 
 
+def _check_request(path: str, body: bytes, leave: Departure, timeout: float) -> bytes:
+    """The request's arguments checked, with a message that says what is wrong; the body as bytes."""
+    if not isinstance(leave, Departure):
+        raise TypeError(f"leave= takes a departure point such as leave.after_chunks(2), got {leave!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"path must be a string that starts with '/', got {path!r}")
+    if not isinstance(body, bytes | bytearray):
+        raise TypeError(f"body must be bytes, got {type(body).__name__}")
+    if leave.kind == "mid_upload" and leave.amount >= len(body):
+        raise ValueError(
+            f"leave.mid_upload({leave.amount}) leaves during the upload: it needs a body longer than "
+            f"{leave.amount} bytes, got {len(body)}"
+        )
+    return bytes(body)
+
+
 def _encode(value: bytes | str) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else bytes(value)
 
@@ -403,23 +479,10 @@ async def simulate(
     an ``Exception`` escaping the app is returned in ``Outcome.exception``, never raised.
     """
     _check_app(app)
-    if not isinstance(leave, Departure):
-        raise TypeError(f"leave= takes a departure point such as leave.after_chunks(2), got {leave!r}")
+    body = _check_request(path, body, leave, timeout)
     if send_after_disconnect not in _SPEC_VERSIONS:
         raise ValueError(
             f"send_after_disconnect must be 'drop' (an ASGI 2.3 server) or 'raise' (2.4), got {send_after_disconnect!r}"
-        )
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise ValueError(f"path must be a string that starts with '/', got {path!r}")
-    if not isinstance(body, bytes | bytearray):
-        raise TypeError(f"body must be bytes, got {type(body).__name__}")
-    body = bytes(body)
-    if leave.kind == "mid_upload" and leave.amount >= len(body):
-        raise ValueError(
-            f"leave.mid_upload({leave.amount}) leaves during the upload: it needs a body longer than "
-            f"{leave.amount} bytes, got {len(body)}"
         )
 
     server = _FakeServer(leave, body, drop=send_after_disconnect == "drop")
@@ -467,3 +530,515 @@ async def simulate(
     if not outcome.timed_out and server.left_at is not None and returned_at is not None:
         outcome.app_returned_after_ms = max(0.0, (returned_at - server.left_at) * 1000)
     return outcome
+
+
+# --------------------------------------------------------------------------- real servers
+#: The loggers whose lines ``serve()`` keeps (warnings and errors): the servers' and asyncio's.
+SERVER_LOGGERS = ("uvicorn.error", "hypercorn.error", "asyncio")
+#: How long a client leaving ``mid_upload`` waits, once the app was called, for the app to
+#: read what was uploaded (an app that never reads its body is left that much later).
+UPLOAD_SETTLE = 0.1
+#: How long a handler cancelled at the timeout is given to return.
+CANCEL_WAIT = 1.0
+
+
+class _Watch(_Seen):
+    """One request as the outermost app saw it: when it was called and returned, what it
+    sent and read, and the cancel scope that ends it at the timeout."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.started_at = 0.0
+        self.returned = anyio.Event()
+        self.returned_at = 0.0
+        self.exception: Exception | None = None
+        self.sizes: list[int] = []  # the non-empty body messages the app sent, in order
+        self.received = 0  # request body bytes the app read
+        self.wants = 0  # request body bytes after which ``enough`` is set
+        self.enough = anyio.Event()  # the app read ``wants`` bytes, responded or returned
+        self.cancel_scope = anyio.CancelScope()
+
+
+class _Observer:
+    """The app the server calls: it watches each HTTP request of a ``live.request()`` client,
+    found by the client's port, and passes everything else through untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.expected: dict[int, _Watch] = {}
+        self.running: set[_Watch] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        watch = self.expected.pop(client[1], None) if client else None
+        if watch is None:
+            watch = _Watch()  # another client's request: watched so that it can be stopped
+
+        async def watched_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                watch.received += len(message.get("body", b""))
+                if watch.received >= watch.wants:
+                    watch.enough.set()
+            return message
+
+        async def watched_send(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                watch.enough.set()
+            elif kind == "http.response.body" and message.get("body"):
+                watch.sizes.append(len(message["body"]))  # before the bytes can reach the client
+            await send(message)
+
+        self.running.add(watch)
+        watch.started_at = time.monotonic()
+        watch.started.set()
+        if watch.wants == 0:
+            watch.enough.set()
+        try:
+            with watch.cancel_scope:
+                await self.app(_Scope(watch, scope), watched_receive, watched_send)
+        except Exception as exc:
+            watch.exception = exc
+            raise  # to the server, which logs it as it would
+        finally:
+            watch.returned_at = time.monotonic()
+            self.running.discard(watch)
+            watch.returned.set()
+            watch.enough.set()
+
+    def cancel_all(self) -> None:
+        for watch in self.running:
+            watch.cancel_scope.cancel()
+
+
+class _LogCapture(logging.Handler):
+    """Keeps the lines of the loggers it is installed on, tracebacks included."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[LogLine] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = None
+        if record.exc_info and record.exc_info[1] is not None:
+            text = "".join(traceback.format_exception(record.exc_info[1])).rstrip()
+        elif record.exc_text:
+            text = record.exc_text
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string in somebody's log call
+            message = str(record.msg)
+        self.lines.append(LogLine(record.name, record.levelname, message.strip(), text, time.monotonic()))
+
+
+@contextlib.contextmanager
+def _capturing(names: Iterable[str]) -> Iterator[_LogCapture]:
+    capture = _LogCapture()
+    loggers = [logging.getLogger(name) for name in names]
+    for logger in loggers:
+        logger.addHandler(capture)
+    try:
+        yield capture
+    finally:
+        for logger in loggers:
+            logger.removeHandler(capture)
+
+
+class Live:
+    """A server that ``serve()`` started: where it listens, and the client that talks to it."""
+
+    def __init__(self, server: ServerName, port: int, observer: _Observer, log: _LogCapture) -> None:
+        #: Which server: ``"uvicorn"``, ``"uvicorn-h11"``, ``"uvicorn-httptools"`` or ``"hypercorn"``.
+        self.server = server
+        #: Where it listens: 127.0.0.1 and an ephemeral port.
+        self.host = _loopback.HOST
+        self.port = port
+        self._observer = observer
+        self._log = log
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> int:
+        """How many HTTP handlers are running now."""
+        return len(self._observer.running)
+
+    @property
+    def server_log(self) -> list[LogLine]:
+        """All the server logged (warnings and errors) since it started."""
+        return list(self._log.lines)
+
+    async def request(
+        self,
+        *,
+        method: str = "GET",
+        path: str = "/",
+        headers: Iterable[tuple[bytes | str, bytes | str]] = (),
+        body: bytes = b"",
+        leave: Departure = _NEVER,
+        timeout: float = 5.0,  # noqa: ASYNC109 - the handler's budget: it never raises TimeoutError
+    ) -> Outcome:
+        """Send one HTTP/1.1 request from a raw socket that leaves at ``leave``; return the ``Outcome``.
+
+        The client leaves by closing its socket with a FIN or an RST (``leave``'s ``how``).
+        ``before_response`` counts from the moment the server called the app; ``mid_upload``
+        sends the head and the first bytes of the body, and leaves once the app has read
+        them (or ``UPLOAD_SETTLE`` seconds after it was called, for an app that does not
+        read). A body chunk is what one ``http.response.body`` message of the app carried.
+        A handler still running ``timeout`` seconds after the request was sent is reported
+        (``Outcome.timed_out``), then cancelled; ``server_log`` holds what the server
+        logged meanwhile (with concurrent requests, their lines are mixed).
+        """
+        body = _check_request(path, body, leave, timeout)
+        outcome = Outcome(departure=leave, timeout=timeout, server=self.server)
+        sock = await _connect(self.host, self.port)
+        watch = _Watch()
+        if leave.kind == "mid_upload":
+            watch.wants = leave.amount
+        local_port: int = sock.getsockname()[1]
+        self._observer.expected[local_port] = watch
+        client = _Client(sock, outcome, watch)
+        mark = len(self._log.lines)
+        try:
+            with anyio.move_on_after(timeout) as deadline:
+                await client.run(_request_head(method, path, headers, body, self.port), body, leave)
+                if watch.started.is_set():
+                    await watch.returned.wait()
+            ended = time.monotonic()
+            if deadline.cancel_called and watch.started.is_set() and not watch.returned.is_set():
+                outcome.timed_out = True
+                watch.cancel_scope.cancel()
+                with anyio.move_on_after(CANCEL_WAIT):
+                    await watch.returned.wait()
+            else:
+                for _ in range(5):  # the server logs what escaped right after the app returned
+                    await anyio.lowlevel.checkpoint()
+                ended = time.monotonic()
+        finally:
+            self._observer.expected.pop(local_port, None)
+            client.close()
+        outcome.server_log = [line for line in self._log.lines[mark:] if line.at <= ended]
+        outcome.state = watch.state
+        outcome.exception = watch.exception
+        if watch.started.is_set() and not outcome.timed_out:
+            outcome.duration_ms = (watch.returned_at - watch.started_at) * 1000
+            if client.left_at is not None:
+                outcome.app_returned_after_ms = max(0.0, (watch.returned_at - client.left_at) * 1000)
+        return outcome
+
+
+def _request_head(
+    method: str, path: str, headers: Iterable[tuple[bytes | str, bytes | str]], body: bytes, port: int
+) -> bytes:
+    pairs = [(_encode(name), _encode(value)) for name, value in headers]
+    names = {name.lower() for name, _ in pairs}
+    lines = [f"{method.upper()} {path} HTTP/1.1".encode("latin-1")]
+    if b"host" not in names:
+        lines.append(f"host: {_loopback.HOST}:{port}".encode())
+    lines += [name + b": " + value for name, value in pairs]
+    if body and b"content-length" not in names and b"transfer-encoding" not in names:
+        lines.append(b"content-length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (see _loopback).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = sock.connect_ex((host, port))
+        if error not in (0, errno.EINPROGRESS):
+            raise ConnectionRefusedError(error, f"cannot connect to {host}:{port}")
+        await anyio.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise ConnectionRefusedError(error, f"cannot connect to {host}:{port}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Client:
+    """One raw-socket client: it sends the request, reads the response as it comes and
+    leaves at its departure point. Every read is bounded in bytes; the caller bounds time."""
+
+    def __init__(self, sock: socket.socket, outcome: Outcome, watch: _Watch) -> None:
+        self.sock = sock
+        self.outcome = outcome
+        self.watch = watch
+        self.buffer = bytearray()
+        self.eof = False
+        self.received = 0
+        self.closed = False
+        self.left_at: float | None = None
+        self._pending = bytearray()  # body bytes not yet a whole chunk
+        self._chunk = 0  # index in watch.sizes of the chunk being received
+        self._done = False  # the body has ended as its framing says
+
+    # ---- what the client does
+    async def run(self, head: bytes, body: bytes, departure: Departure) -> None:
+        kind = departure.kind
+        if kind == "mid_upload":
+            await self._send(head + body[: departure.amount])
+            await self._race(self._uploaded)
+        elif kind == "before_response":
+            await self._send(head + body)
+            await self._race(self._waited)
+        else:
+            await self._send(head + body)
+            if await self._read_response():
+                self.leave()
+        self._flush()
+
+    async def _uploaded(self) -> None:
+        await self.watch.started.wait()
+        with anyio.move_on_after(UPLOAD_SETTLE):
+            await self.watch.enough.wait()
+
+    async def _waited(self) -> None:
+        await self.watch.started.wait()
+        await anyio.sleep(max(0.0, self.watch.started_at + self.outcome.departure.after - time.monotonic()))
+
+    async def _race(self, departure_point: Any) -> None:
+        """Read the response until ``departure_point()`` returns, then leave (unless the
+        response was complete first, or the server closed the connection)."""
+        reached = False
+        async with anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                await self._read_response()
+                tg.cancel_scope.cancel()
+
+            async def wait() -> None:
+                nonlocal reached
+                await departure_point()
+                reached = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(read)
+            tg.start_soon(wait)
+        if reached and not self.outcome.complete and not self.eof:
+            self.leave()
+
+    def leave(self) -> None:
+        """Close the socket at the departure point, with a FIN or an RST."""
+        self.left_at = time.monotonic()
+        self.outcome.left = True
+        self.closed = True
+        with contextlib.suppress(OSError):
+            _loopback.close(self.sock, self.outcome.departure.how)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                _loopback.close(self.sock, "fin")
+
+    # ---- reading the response
+    async def _read_response(self) -> bool:
+        """Read the response; True once the departure point is reached, False at its end
+        (``outcome.complete``) or when the server closed the connection first."""
+        outcome, departure = self.outcome, self.outcome.departure
+        status = None
+        headers: list[tuple[bytes, bytes]] = []
+        for _ in range(100):  # interim responses (100 Continue, 103 Early Hints) first
+            head = await self._until(b"\r\n\r\n")
+            if head is None:
+                return False
+            status, headers = _parse_head(head)
+            if not 100 <= status < 200 or status == 101:
+                break
+        outcome.status, outcome.headers = status, headers
+        if departure.kind in ("after_chunks", "after_bytes") and departure.amount == 0:
+            return True
+        fields = {name.lower(): value for name, value in headers}
+        if fields.get(b"transfer-encoding", b"").lower().endswith(b"chunked"):
+            pieces = self._chunked()
+        elif status is None or status < 200 or status in (204, 304):
+            pieces = _nothing()
+            self._done = True
+        elif b"content-length" in fields:
+            pieces = self._sized(int(fields[b"content-length"]))
+        else:
+            pieces = self._sized(None)
+        async for piece in pieces:
+            if self._received(piece):
+                return True
+        outcome.complete = self._done
+        return False
+
+    def _received(self, piece: bytes) -> bool:
+        """Take body bytes; True once the departure point is reached."""
+        outcome, departure = self.outcome, self.outcome.departure
+        if departure.kind == "after_bytes":
+            piece = piece[: departure.amount - len(outcome.body)]
+        outcome.body += piece
+        self._pending += piece
+        sizes = self.watch.sizes
+        for _ in range(len(sizes)):  # at most every chunk the app sent
+            if self._chunk >= len(sizes) or len(self._pending) < sizes[self._chunk]:
+                break
+            size = sizes[self._chunk]
+            outcome.chunks.append(bytes(self._pending[:size]))
+            del self._pending[:size]
+            self._chunk += 1
+        if departure.kind == "after_chunks":
+            return len(outcome.chunks) >= departure.amount
+        return departure.kind == "after_bytes" and len(outcome.body) >= departure.amount
+
+    def _flush(self) -> None:
+        """What arrived of a chunk that the client did not wait for counts as one."""
+        if self._pending:
+            self.outcome.chunks.append(bytes(self._pending))
+            self._pending.clear()
+
+    async def _chunked(self) -> AsyncIterator[bytes]:
+        for _ in range(_loopback.MAX_READ):  # a chunk takes 5 bytes at least
+            line = await self._until(b"\r\n")
+            if line is None:
+                return
+            try:
+                size = int(line.partition(b";")[0], 16)
+            except ValueError:
+                raise ValueError(f"{self.outcome.server} sent a bad chunk size: {line[:80]!r}") from None
+            if size == 0:
+                for _ in range(_loopback.MAX_READ):  # trailers, up to the empty line
+                    trailer = await self._until(b"\r\n")
+                    if not trailer:
+                        break
+                self._done = True
+                return
+            async for piece in self._sized(size):
+                yield piece
+            if await self._until(b"\r\n") is None:
+                return
+
+    async def _sized(self, size: int | None) -> AsyncIterator[bytes]:
+        """``size`` bytes (None: until the end of the stream) as they arrive."""
+        remaining = _loopback.MAX_READ if size is None else size
+        for _ in range(_loopback.MAX_READ):
+            if remaining <= 0:
+                self._done = True
+                return
+            if not self.buffer and not await self._fill():
+                self._done = size is None
+                return
+            piece = bytes(self.buffer[:remaining])
+            del self.buffer[: len(piece)]
+            remaining -= len(piece)
+            yield piece
+
+    # ---- the socket
+    async def _until(self, separator: bytes) -> bytes | None:
+        """Consume up to and including ``separator``; what came before it, None at the end."""
+        for _ in range(_loopback.MAX_READ):
+            index = self.buffer.find(separator)
+            if index >= 0:
+                found = bytes(self.buffer[:index])
+                del self.buffer[: index + len(separator)]
+                return found
+            if not await self._fill():
+                return None
+        return None
+
+    async def _fill(self) -> bool:
+        """Receive what the server sent; False at the end of the stream (or a reset)."""
+        if self.eof:
+            return False
+        for _ in range(_loopback.MAX_READ):
+            await anyio.wait_readable(self.sock)
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self.eof = True
+                return False
+            self.received += len(data)
+            if self.received > _loopback.MAX_READ:
+                raise ValueError(f"{self.outcome.server} sent more than {_loopback.MAX_READ} bytes")
+            self.buffer += data
+            return True
+        return False
+
+    async def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        for _ in range(2 * len(data) + 2):  # each round sends a byte at least, or waits once
+            if not view:
+                return
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                await anyio.wait_writable(self.sock)
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the server closed the connection: its response says why
+            view = view[sent:]
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+def _parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    status_line, *lines = head.split(b"\r\n")
+    version, _, rest = status_line.partition(b" ")
+    if not version.startswith(b"HTTP/") or not rest[:3].isdigit():
+        raise ValueError(f"not an HTTP response: {head[:200]!r}")
+    headers = [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(b":") for line in lines)]
+    return int(rest[:3]), headers
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    app: ASGIApp,
+    *,
+    server: ServerName = "uvicorn",
+    lifespan: Lifespan = "auto",
+    start_timeout: float = 5.0,
+    stop_timeout: int = 5,
+) -> AsyncIterator[Live]:
+    """Serve ``app`` on a real server on 127.0.0.1 (an ephemeral port) in this event loop.
+
+    ``server`` is ``"uvicorn"`` (httptools where installed, else h11), ``"uvicorn-h11"``,
+    ``"uvicorn-httptools"`` or ``"hypercorn"``; uvicorn runs on asyncio only, hypercorn on
+    asyncio and trio. ``lifespan`` is uvicorn's setting (``"auto"``, ``"on"``, ``"off"``),
+    followed by hypercorn too: the app's startup has run when the block starts, and its
+    shutdown runs at the end. A server that is not installed, does not start within
+    ``start_timeout`` or whose app fails its lifespan startup raises ``ServerStartError``,
+    saying why, with what the server logged; nothing is left running. At the end of the
+    block the handlers still running are cancelled and the server stops, at most
+    ``stop_timeout`` seconds later.
+    """
+    _check_app(app)
+    observer = _Observer(app)
+    started = False
+    with _capturing(SERVER_LOGGERS) as log:
+        try:
+            async with _loopback.serve(
+                observer, server=server, lifespan=lifespan, start_timeout=start_timeout, stop_timeout=stop_timeout
+            ) as base:
+                started = True
+                try:
+                    yield Live(server, base.port, observer, log)
+                finally:
+                    observer.cancel_all()
+        except ServerStartError as exc:
+            if started:
+                raise
+            logged = "\n".join(str(line) for line in log.lines)
+            last = next((line.message for line in reversed(log.lines)), None)
+            message = str(exc) if last is None else f"{exc}; the server logged: {last}"
+            raise ServerStartError(message, logged) from exc.__cause__

@@ -332,7 +332,7 @@ async def test_a_failed_lifespan_startup_is_reported() -> None:
     before = Leftovers()
     began = time.monotonic()
     with pytest.raises(ServerStartError, match="hypercorn did not start: LifespanFailureError: .*the database is down"):
-        async with serve(fails_at_startup, server="hypercorn") as live:
+        async with serve(fails_at_startup, server="hypercorn", lifespan="auto") as live:
             ports.append(live.port)
     assert ports == [], "the block should not run"
     assert time.monotonic() - began < 2
@@ -349,7 +349,7 @@ async def test_an_app_that_raises_at_lifespan_is_served_without_it(caplog: pytes
         await hello(scope, receive, send)
 
     with caplog.at_level(logging.WARNING, logger="hypercorn.error"):
-        async with serve(raises_at_startup, server="hypercorn") as live:
+        async with serve(raises_at_startup, server="hypercorn", lifespan="auto") as live:
             response = await anyio.to_thread.run_sync(get, live.port)
     assert response.body == b"ok"
     assert "continuing without Lifespan support" in caplog.text
