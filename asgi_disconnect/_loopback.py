@@ -118,6 +118,10 @@ async def serve(
                     running.stop()
             else:
                 tg.cancel_scope.cancel()
+        if failure is not None and running.lifespan is not None:
+            # Once the server's task is gone (it can no longer go on to open its sockets):
+            # its lifespan task, outside our group on asyncio, is stopped apart.
+            await running.lifespan.abandon()
     finally:
         with contextlib.suppress(OSError):
             sock.close()  # uvicorn has closed it already; hypercorn only its duplicate
@@ -178,8 +182,10 @@ class _Running:
         started: Callable[[], bool],
         stop: Callable[[], None],
         refused: Callable[[], Exception | None] = lambda: None,
+        lifespan: _LifespanTask | None = None,
     ) -> None:
         self.name = name
+        self.lifespan = lifespan  # what runs the app's lifespan, where the server runs one
         self.serve = serve
         self.started = started
         self.stop = stop
@@ -193,7 +199,7 @@ class _Running:
         except (Exception, SystemExit) as exc:  # uvicorn exits when the lifespan startup fails
             if self.started():
                 raise
-            self.error = exc  # wait_started() reports it
+            self.error = _sole(exc)  # wait_started() reports it
         finally:
             self.ended = True
 
@@ -219,6 +225,15 @@ class _Running:
         return ServerStartError(f"{self.name} did not start within {within:g} s")
 
 
+def _sole(error: BaseException) -> BaseException:
+    """The one error inside nested groups of one (hypercorn's trio nurseries wrap what it raises)."""
+    for _ in range(10):  # nurseries deep: more than hypercorn nests
+        if not isinstance(error, BaseExceptionGroup) or len(error.exceptions) != 1:
+            break
+        error = error.exceptions[0]
+    return error
+
+
 def _why_stopped(error: BaseException | None) -> str:
     if error is None:
         return "it stopped"
@@ -230,8 +245,9 @@ def _why_stopped(error: BaseException | None) -> str:
 def _uvicorn(app: ASGIApp, http: str, sock: socket.socket, lifespan: Lifespan, stop_timeout: int) -> _Running:
     import uvicorn
 
+    task = None if lifespan == "off" else _LifespanTask(app)
     config = uvicorn.Config(
-        app,
+        app if task is None else task,
         http=http,
         lifespan=lifespan,
         log_config=None,
@@ -244,7 +260,9 @@ def _uvicorn(app: ASGIApp, http: str, sock: socket.socket, lifespan: Lifespan, s
     def stop() -> None:
         server.should_exit = True
 
-    return _Running("uvicorn", functools.partial(server.serve, sockets=[sock]), lambda: server.started, stop)
+    return _Running(
+        "uvicorn", functools.partial(server.serve, sockets=[sock]), lambda: server.started, stop, lifespan=task
+    )
 
 
 def _hypercorn(app: ASGIApp, sock: socket.socket, lifespan: Lifespan, stop_timeout: int, on_trio: bool) -> _Running:
@@ -274,62 +292,102 @@ def _hypercorn(app: ASGIApp, sock: socket.socket, lifespan: Lifespan, stop_timeo
         finally:
             _close_duplicate(fd, sock)
 
-    return _Running("hypercorn", run, lambda: startup.over, stopping.set, lambda: startup.error)
+    return _Running("hypercorn", run, lambda: startup.over, stopping.set, lambda: startup.error, startup)
 
 
-class _LifespanStartup:
+class _LifespanTask:
+    """``app``, with its lifespan call in a cancel scope of ours.
+
+    uvicorn and hypercorn on asyncio run the lifespan in a task of their own, outside the
+    task group of :func:`serve`: a startup still running when ``serve()`` gives up would be
+    left running. ``abandon()`` cancels it and waits, bounded, for it to end.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._scope = anyio.CancelScope()
+        self._running = False
+        self._ended = anyio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        self._running = True
+        try:
+            with self._scope:
+                await self._lifespan(scope, receive, send)
+        finally:
+            self._running = False
+            self._ended.set()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+    async def abandon(self, within: float = 1.0) -> None:
+        """Cancel the lifespan call if it is running, and wait up to ``within`` seconds for it."""
+        if self._running:
+            self._scope.cancel()
+            with anyio.move_on_after(within):
+                await self._ended.wait()
+
+
+class _LifespanStartup(_LifespanTask):
     """``app``, and whether hypercorn is past the lifespan startup: over once the app has
     sent ``lifespan.startup.complete``, or has returned or raised without reporting a
     failed startup (hypercorn then serves without lifespan).
 
     hypercorn always runs the lifespan: with ``"off"`` it is answered here and the app
     never sees it, and with ``"on"`` an app that raises there stops the server, as
-    uvicorn does.
+    uvicorn does. The steps an app leaves when it returns early (raw apps often return at
+    once) are answered here too: hypercorn's trio worker would send them to a closed channel.
     """
 
     def __init__(self, app: ASGIApp, lifespan: Lifespan) -> None:
-        self.app = app
+        super().__init__(app)
         self.lifespan = lifespan
         self.over = False
         self.error: Exception | None = None  # what the app raised in a startup that had to succeed
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.lifespan == "off":
             await self._answer_alone(receive, send)
             return
-        failed = False
+        received: set[str] = set()  # the types of the messages the app received, and sent
+        sent: set[str] = set()
+
+        async def watched_receive() -> Message:
+            message = await receive()
+            received.add(message["type"])
+            return message
 
         async def watched_send(message: Message) -> None:
-            nonlocal failed
-            failed = failed or message["type"] == "lifespan.startup.failed"
+            sent.add(message["type"])
             await send(message)
             if message["type"] == "lifespan.startup.complete":
                 self.over = True
 
         try:
-            await self.app(scope, receive, watched_send)
+            await self.app(scope, watched_receive, watched_send)
         except Exception as exc:
             if self.lifespan == "on" and not self.over:
                 self.error = exc  # as uvicorn with lifespan="on": the server does not start
             raise
         finally:
-            self.over = self.over or not (failed or self.error is not None)
+            self.over = self.over or not ("lifespan.startup.failed" in sent or self.error is not None)
+        if not sent & {"lifespan.startup.failed", "lifespan.shutdown.failed"}:
+            await self._answer_alone(receive, send, received, sent)
 
-
-    async def _answer_alone(self, receive: Receive, send: Send) -> None:
-        # Answered here without the app: an app that returns at once would do as well on
-        # asyncio, but hypercorn's trio worker then sends to a closed channel.
-        for _ in range(2):  # startup, then shutdown
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-                self.over = True
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def _answer_alone(
+        self, receive: Receive, send: Send, received: Set[str] = frozenset(), sent: Set[str] = frozenset()
+    ) -> None:
+        """Answer each lifespan step that the app did not (with ``"off"``: every step)."""
+        for step in ("lifespan.startup", "lifespan.shutdown"):
+            if step not in received and (await receive())["type"] != step:
+                return  # not the lifespan protocol: nothing more to answer
+            if f"{step}.complete" not in sent:
+                await send({"type": f"{step}.complete"})
+            self.over = True
 
 
 def _close_duplicate(fd: int, sock: socket.socket) -> None:

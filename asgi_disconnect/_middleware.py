@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from ._fastpath import FastRequest, fast_task
-from ._request import Options, Request, logger
+from ._request import LOGGER_NAME, Options, Request, logger
 from ._state import SCOPE_KEY, DisconnectState
 from ._types import ASGIApp, Scope, Send
 
@@ -136,6 +136,7 @@ class DisconnectMiddleware:
         detected = state.detected_at if state.detected_at is not None else time.monotonic()
         logger.info(
             "client disconnected",
+            logger=LOGGER_NAME,
             method=scope.get("method"),
             path=scope.get("path"),
             phase=state.phase,
@@ -151,4 +152,6 @@ class DisconnectMiddleware:
                 await result
         except Exception:
             # A hook's bug must not turn a client's departure into a server error.
-            logger.exception("on_disconnect hook failed", method=scope.get("method"), path=scope.get("path"))
+            logger.exception(
+                "on_disconnect hook failed", logger=LOGGER_NAME, method=scope.get("method"), path=scope.get("path")
+            )

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from ._stream import GuardedStream
 
 logger = structlog.get_logger("asgi_disconnect")
+#: Every event carries it, as structlog's add_logger_name would add it: whatever the app's
+#: structlog configuration, our events can be told from others (the pytest plugin's capture).
+LOGGER_NAME = "asgi_disconnect"
 
 # The stages of a request (``Request._stage``), in order. ABORTED is reached from OPEN or
 # RESPONDING, or from COMPLETE when the server refused the final message; FINISHED from
@@ -448,6 +451,7 @@ class Request(DisconnectState):
         if self._should_cancel():
             logger.warning(
                 "handler still running after cancellation",
+                logger=LOGGER_NAME,
                 method=self._scope.get("method"),
                 path=self._scope.get("path"),
                 seconds=self._options.cancel_warn_after,
@@ -573,7 +577,7 @@ class Request(DisconnectState):
                     await func(*args)
             except Exception:
                 # Ours, not the app's: logged, never raised into the task group in its place.
-                logger.exception("asgi-disconnect helper failed", method=method)
+                logger.exception("asgi-disconnect helper failed", logger=LOGGER_NAME, method=method)
             finally:
                 self._running -= 1
                 if not self._running and self._idle is not None:

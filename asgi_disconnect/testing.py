@@ -32,7 +32,7 @@ import math
 import socket
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -157,7 +157,8 @@ class Outcome:
 
     #: The response status; None if no response started.
     status: int | None = None
-    #: The response headers, as the app sent them.
+    #: The response headers: as the app sent them (``simulate``), as received (``serve``:
+    #: with the server's own, names in lower case).
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     #: The body bytes the client received before it left.
     body: bytes = b""
@@ -175,9 +176,12 @@ class Outcome:
     departure: Departure = field(default_factory=leave.never)
     #: True once the client left (at its departure point).
     left: bool = False
+    #: ``time.monotonic()`` when the client left; None if it did not.
+    left_at: float | None = None
     #: True if the client received the whole response.
     complete: bool = False
-    #: Milliseconds from the start of the handler to its return; None if it timed out.
+    #: Milliseconds from the start of the handler to its return; None if it timed out, or
+    #: if the server answered without calling the app (``serve`` only).
     duration_ms: float | None = None
     #: The timeout the request ran with, in seconds.
     timeout: float = 5.0
@@ -204,8 +208,10 @@ class Outcome:
             handler = f"the handler was still running at the timeout ({self.timeout:g} s) and was cancelled"
         elif self.app_returned_after_ms is not None:
             handler = f"the handler returned {self.app_returned_after_ms:.1f} ms after the client left"
+        elif self.duration_ms is None:
+            handler = "the server never called the app"
         else:
-            handler = f"the handler returned after {self.duration_ms or 0.0:.1f} ms"
+            handler = f"the handler returned after {self.duration_ms:.1f} ms"
         if self.exception is not None:
             handler += f", raising {self.exception!r}"
         if self.state is None:
@@ -389,20 +395,29 @@ class _FakeServer(_Seen):
             self.leave()
 
 
-def _check_app(app: Any) -> None:
-    if not callable(app):
-        raise TypeError(f"simulate() takes an ASGI 3 app, `async def app(scope, receive, send)`; got {app!r}")
+def _wrong_signature(app: Any) -> inspect.Signature | None:
+    """The signature of a callable that cannot be called as ``app(scope, receive, send)``,
+    else None (also when it has no signature to read: calling it will tell)."""
     try:
         signature = inspect.signature(app)
     except (TypeError, ValueError):
-        return  # a builtin or an odd callable: calling it will tell
+        return None
     try:
         signature.bind({}, None, None)
     except TypeError:
+        return signature
+    return None
+
+
+def _check_app(app: Any) -> None:
+    if not callable(app):
+        raise TypeError(f"simulate() takes an ASGI 3 app, `async def app(scope, receive, send)`; got {app!r}")
+    signature = _wrong_signature(app)
+    if signature is not None:
         raise TypeError(
             f"simulate() takes an ASGI 3 app, called as app(scope, receive, send); {app!r} has the "
             f"signature {signature} (an ASGI 2 app? wrap it with asgiref.compatibility.guarantee_single_callable)"
-        ) from None
+        )
 
 
 def _check_request(path: str, body: bytes, leave: Departure, timeout: float) -> bytes:
@@ -527,6 +542,7 @@ async def simulate(
     if not_awaitable:
         raise TypeError(f"{app!r} returned {not_awaitable[0]!r}, not an awaitable: it is not an ASGI 3 app")
     outcome.state = server.state if server.state is not None else scope.get(SCOPE_KEY)
+    outcome.left_at = server.left_at
     if not outcome.timed_out and server.left_at is not None and returned_at is not None:
         outcome.app_returned_after_ms = max(0.0, (returned_at - server.left_at) * 1000)
     return outcome
@@ -704,7 +720,7 @@ class Live:
             watch.wants = leave.amount
         local_port: int = sock.getsockname()[1]
         self._observer.expected[local_port] = watch
-        client = _Client(sock, outcome, watch)
+        client = _Client(sock, outcome, watch, head=method.upper() == "HEAD")
         mark = len(self._log.lines)
         try:
             with anyio.move_on_after(timeout) as deadline:
@@ -727,6 +743,7 @@ class Live:
         outcome.server_log = [line for line in self._log.lines[mark:] if line.at <= ended]
         outcome.state = watch.state
         outcome.exception = watch.exception
+        outcome.left_at = client.left_at
         if watch.started.is_set() and not outcome.timed_out:
             outcome.duration_ms = (watch.returned_at - watch.started_at) * 1000
             if client.left_at is not None:
@@ -771,10 +788,11 @@ class _Client:
     """One raw-socket client: it sends the request, reads the response as it comes and
     leaves at its departure point. Every read is bounded in bytes; the caller bounds time."""
 
-    def __init__(self, sock: socket.socket, outcome: Outcome, watch: _Watch) -> None:
+    def __init__(self, sock: socket.socket, outcome: Outcome, watch: _Watch, *, head: bool = False) -> None:
         self.sock = sock
         self.outcome = outcome
         self.watch = watch
+        self.head = head  # a HEAD request: the response has no body
         self.buffer = bytearray()
         self.eof = False
         self.received = 0
@@ -861,18 +879,19 @@ class _Client:
         if departure.kind in ("after_chunks", "after_bytes") and departure.amount == 0:
             return True
         fields = {name.lower(): value for name, value in headers}
-        if fields.get(b"transfer-encoding", b"").lower().endswith(b"chunked"):
-            pieces = self._chunked()
-        elif status is None or status < 200 or status in (204, 304):
-            pieces = _nothing()
+        if self.head or status is None or status < 200 or status in (204, 304):
+            pieces = _nothing()  # whatever its Content-Length says (RFC 9112, 6.3)
             self._done = True
+        elif fields.get(b"transfer-encoding", b"").lower().endswith(b"chunked"):
+            pieces = self._chunked()
         elif b"content-length" in fields:
             pieces = self._sized(int(fields[b"content-length"]))
         else:
             pieces = self._sized(None)
-        async for piece in pieces:
-            if self._received(piece):
-                return True
+        async with contextlib.aclosing(pieces):  # closed here, not by trio's garbage collection
+            async for piece in pieces:
+                if self._received(piece):
+                    return True
         outcome.complete = self._done
         return False
 
@@ -901,7 +920,7 @@ class _Client:
             self.outcome.chunks.append(bytes(self._pending))
             self._pending.clear()
 
-    async def _chunked(self) -> AsyncIterator[bytes]:
+    async def _chunked(self) -> AsyncGenerator[bytes]:
         for _ in range(_loopback.MAX_READ):  # a chunk takes 5 bytes at least
             line = await self._until(b"\r\n")
             if line is None:
@@ -917,12 +936,13 @@ class _Client:
                         break
                 self._done = True
                 return
-            async for piece in self._sized(size):
-                yield piece
+            async with contextlib.aclosing(self._sized(size)) as sized:
+                async for piece in sized:
+                    yield piece
             if await self._until(b"\r\n") is None:
                 return
 
-    async def _sized(self, size: int | None) -> AsyncIterator[bytes]:
+    async def _sized(self, size: int | None) -> AsyncGenerator[bytes]:
         """``size`` bytes (None: until the end of the stream) as they arrive."""
         remaining = _loopback.MAX_READ if size is None else size
         for _ in range(_loopback.MAX_READ):
@@ -987,7 +1007,7 @@ class _Client:
             view = view[sent:]
 
 
-async def _nothing() -> AsyncIterator[bytes]:
+async def _nothing() -> AsyncGenerator[bytes]:
     return
     yield b""  # pragma: no cover - makes this an async generator
 
@@ -1039,6 +1059,14 @@ async def serve(
             if started:
                 raise
             logged = "\n".join(str(line) for line in log.lines)
-            last = next((line.message for line in reversed(log.lines)), None)
-            message = str(exc) if last is None else f"{exc}; the server logged: {last}"
+            # Every line (the last few): uvicorn logs the app's reason first, then "Exiting".
+            said = " | ".join(_said(line) for line in log.lines[-5:])
+            message = f"{exc}; the server logged: {said}" if said else str(exc)
             raise ServerStartError(message, logged) from exc.__cause__
+
+
+def _said(line: LogLine) -> str:
+    """A log line's message, with the exception its traceback ends with."""
+    if not line.traceback:
+        return line.message
+    return f"{line.message} ({line.traceback.splitlines()[-1]})"

@@ -1,5 +1,10 @@
-"""Shared by the examples besides the server and the client of ``_support.py``: what a
-run is served by, bounded waits for an outcome, and the report of two runs side by side."""
+"""Shared by the streaming examples: what a run is served by, when its client left,
+bounded waits for an outcome, and the report of two runs side by side.
+
+Each example serves its app with ``asgi_disconnect.testing.serve`` (a real uvicorn on a
+free port of 127.0.0.1, in the example's event loop) and sends its request with
+``live.request(leave=...)``: a raw socket that leaves with a TCP RST.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,17 @@ from contextlib import AbstractAsyncContextManager
 
 from starlette.types import ASGIApp
 
-#: Serves an app for one run and yields its port: ``_support.serve``, or one of the tests' servers.
-Serve = Callable[[ASGIApp], AbstractAsyncContextManager[int]]
+from asgi_disconnect.testing import Live, Outcome
+
+#: Serves an app for one run: ``asgi_disconnect.testing.serve`` (uvicorn), or a test's server.
+Serve = Callable[[ASGIApp], AbstractAsyncContextManager[Live]]
+
+
+def left_at(outcome: Outcome) -> float:
+    """``time.monotonic()`` when the client left; a run whose client never left says why."""
+    if outcome.left_at is None:
+        raise RuntimeError(f"the client did not leave: {outcome.summary()}")
+    return outcome.left_at
 
 
 async def wait_until(done: Callable[[], bool], within: float) -> float | None:

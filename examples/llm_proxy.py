@@ -3,8 +3,8 @@
 Run: ``python examples/llm_proxy.py``. It starts ``fake_llm_upstream.py`` (next to this
 file) as a separate process on a free loopback port, then serves a Starlette proxy with
 uvicorn: ``GET /chat`` relays the upstream's token stream through an
-``httpx.AsyncClient`` stream. A raw-socket client reads a few tokens and aborts (TCP
-RST). The run is done twice and reported side by side:
+``httpx.AsyncClient`` stream. A raw-socket client (``asgi_disconnect.testing``'s
+``live.request()``) reads a few tokens and aborts (TCP RST). The run is done twice and reported side by side:
 
 - **asgi-disconnect**: ``DisconnectMiddleware`` in front of the app, the relay generator
   wrapped in ``guard_stream``. Checked: the relay's ``finally`` (which closes the httpx
@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _measure import Serve, at_most, report, seconds, wait_until
-from _support import read_then_abort, serve
+from _measure import Serve, at_most, left_at, report, seconds, wait_until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -45,6 +44,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from asgi_disconnect import DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream
+from asgi_disconnect.testing import leave, serve
 
 UPSTREAM_SCRIPT = Path(__file__).with_name("fake_llm_upstream.py")
 TOKENS = 2000  # the upstream would take ~10 s to produce them all
@@ -149,18 +149,18 @@ async def run(upstream: str, guarded: bool, server: Serve = serve) -> Result:
     traces: dict[str, Trace] = {}
     stream_id = uuid.uuid4().hex
     async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
-        async with server(build_proxy(client, upstream, traces, guarded)) as port:
-            marker = f"tok{READ_TOKENS - 1}\n".encode()
-            left_at = await asyncio.to_thread(read_then_abort, port, f"/chat?id={stream_id}", marker)
+        async with server(build_proxy(client, upstream, traces, guarded)) as live:
+            outcome = await live.request(path=f"/chat?id={stream_id}", leave=leave.after_chunks(READ_TOKENS, how="rst"))
+            abort = left_at(outcome)
             trace = traces[stream_id]
             await wait_until(lambda: trace.finally_at is not None, FINALLY_WITHIN)
-            deadline = left_at + UPSTREAM_CLOSED_WITHIN
-            stats = await upstream_stats(client, upstream, stream_id, left_at)
+            deadline = abort + UPSTREAM_CLOSED_WITHIN
+            stats = await upstream_stats(client, upstream, stream_id, abort)
             for _ in range(200):  # each poll is a request: bounded by count and by time
                 if not stats["open"] or time.monotonic() > deadline:
                     break
                 await asyncio.sleep(0.005)
-                stats = await upstream_stats(client, upstream, stream_id, left_at)
+                stats = await upstream_stats(client, upstream, stream_id, abort)
             after_detection = None
             if trace.state is not None and trace.state.detected_at is not None:
                 detected = await upstream_stats(client, upstream, stream_id, trace.state.detected_at)
@@ -168,8 +168,8 @@ async def run(upstream: str, guarded: bool, server: Serve = serve) -> Result:
     # closed_at is the upstream's time.monotonic(): the same clock as ours on one machine.
     closed_at: float | None = stats["closed_at"]
     return Result(
-        finally_after=None if trace.finally_at is None else trace.finally_at - left_at,
-        upstream_closed_after=None if closed_at is None else closed_at - left_at,
+        finally_after=None if trace.finally_at is None else trace.finally_at - abort,
+        upstream_closed_after=None if closed_at is None else closed_at - abort,
         tokens_after_abort=stats["produced_since"],
         tokens_after_detection=after_detection,
         produced=stats["produced"],

@@ -4,7 +4,8 @@ Run: ``python examples/ndjson_rows.py``. It writes a SQLite table of 100,000 row
 temporary file, then serves a Starlette app with uvicorn on a free loopback port.
 ``GET /rows`` reads the table through an ``aiosqlite`` cursor, 1000 rows per batch with
 10 ms between batches (a slow query), and streams one JSON object per line. A raw-socket
-client reads a few batches and aborts (TCP RST). The run is done twice:
+client (``asgi_disconnect.testing``'s ``live.request()``) reads a few batches and aborts
+(TCP RST). The run is done twice:
 
 - **asgi-disconnect**: ``DisconnectMiddleware`` and ``guard_stream``. Checked: the
   generator closed its cursor and its connection (their cleanup runs inside
@@ -37,8 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
-from _measure import Serve, at_most, report, seconds, wait_until
-from _support import read_then_abort, serve
+from _measure import Serve, at_most, left_at, report, seconds, wait_until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -46,11 +46,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from asgi_disconnect import DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream, shield
+from asgi_disconnect.testing import leave, serve
 
 ROWS = 100_000
 BATCH = 1000  # rows per fetch, one chunk of the response
 BATCH_DELAY = 0.01  # seconds before each fetch: a slow query
-READ_ROWS = 2500  # the client leaves once it has seen this row id
+READ_BATCHES = 3  # the client leaves once it has received this many
 CLOSED_WITHIN = 1.0  # seconds from the abort to the cursor and connection being closed
 RELEASED_WITHIN = 2.0  # seconds more for each effect to be seen from outside: the lock, the thread
 WORKER = "_connection_worker_thread"  # aiosqlite's thread target, part of the thread's name
@@ -147,9 +148,9 @@ async def run(path: Path, guarded: bool, server: Serve = serve) -> Result:
     """Serve the app on ``server``; a client reads a few batches and aborts; measure what follows."""
     traces: list[Trace] = []
     threads_before = worker_threads()
-    async with server(build_app(path, traces, guarded)) as port:
-        marker = f'{{"id": {READ_ROWS},'.encode()
-        left_at = await asyncio.to_thread(read_then_abort, port, "/rows", marker)
+    async with server(build_app(path, traces, guarded)) as live:
+        outcome = await live.request(path="/rows", leave=leave.after_chunks(READ_BATCHES, how="rst"))
+        abort = left_at(outcome)
         trace = traces[0]
         await wait_until(lambda: trace.connection_closed_at is not None, CLOSED_WITHIN)
         free = await wait_until(lambda: database_is_free(path), RELEASED_WITHIN)
@@ -161,8 +162,8 @@ async def run(path: Path, guarded: bool, server: Serve = serve) -> Result:
     if trace.connection is not None and trace.connection_closed_at is None:
         await trace.connection.close()  # a leaked connection: report it, then do not leave it open
     return Result(
-        cursor_closed_after=None if trace.cursor_closed_at is None else trace.cursor_closed_at - left_at,
-        connection_closed_after=None if trace.connection_closed_at is None else trace.connection_closed_at - left_at,
+        cursor_closed_after=None if trace.cursor_closed_at is None else trace.cursor_closed_at - abort,
+        connection_closed_after=None if trace.connection_closed_at is None else trace.connection_closed_at - abort,
         database_free=free is not None,
         worker_thread_ended=ended is not None,
         batches_after_detection=after_detection,
@@ -197,7 +198,7 @@ async def main() -> int:
             f"{guarded.batches_after_detection} batches produced after detection",
         ),
     ]
-    title = f"the client reads {READ_ROWS} of {ROWS} rows ({BATCH} per batch, one every 10 ms+), then aborts (RST)"
+    title = f"the client reads {READ_BATCHES} batches of {BATCH} rows, of {ROWS}, one every 10 ms+, then aborts (RST)"
     return report(title, rows, checks, "with asgi-disconnect the cursor and the connection were closed at once")
 
 

@@ -7,7 +7,8 @@ The generator's ``finally`` stops the child: SIGTERM, a bounded wait, SIGKILL if
 still there, and reaps it (``wait()``), so that it leaves neither an orphan nor a zombie.
 That cleanup runs inside ``shield()``: whatever interrupted the generator (the client
 leaving) would otherwise cancel each of its awaits as well.
-A raw-socket client reads a few lines and aborts (TCP RST). The run is done twice:
+A raw-socket client (``asgi_disconnect.testing``'s ``live.request()``) reads a few lines
+and aborts (TCP RST). The run is done twice:
 
 - **asgi-disconnect**: ``DisconnectMiddleware`` and ``guard_stream``. Checked: the
   ``finally`` runs within 1 s of the abort, the child's PID is gone within 2 s (not
@@ -33,8 +34,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _measure import Serve, at_most, report, seconds, wait_until
-from _support import read_then_abort, serve
+from _measure import Serve, at_most, left_at, report, seconds, wait_until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -42,6 +42,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from asgi_disconnect import DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream, shield
+from asgi_disconnect.testing import leave, serve
 
 CHILD = "import time\nfor i in range(100_000):\n    print(f'line {i}', flush=True)\n    time.sleep(0.01)\n"
 MAX_LINES = 100_000
@@ -164,8 +165,9 @@ class Result:
 async def run(guarded: bool, server: Serve = serve) -> Result:
     """Serve the app on ``server``; a client reads a few lines and aborts; measure what follows."""
     traces: list[Trace] = []
-    async with server(build_app(traces, guarded)) as port:
-        left_at = await asyncio.to_thread(read_then_abort, port, "/tail", f"line {READ_LINES - 1}\n".encode())
+    async with server(build_app(traces, guarded)) as live:
+        outcome = await live.request(path="/tail", leave=leave.after_chunks(READ_LINES, how="rst"))
+        abort = left_at(outcome)
         trace = traces[0]
         assert trace.pid is not None
         await wait_until(lambda: trace.finally_at is not None, FINALLY_WITHIN)
@@ -176,8 +178,8 @@ async def run(guarded: bool, server: Serve = serve) -> Result:
             detected_at = trace.state.detected_at
             after_detection = sum(1 for t in trace.lines_at if t > detected_at)
     return Result(
-        finally_after=None if trace.finally_at is None else trace.finally_at - left_at,
-        gone_after=None if gone_at is None else gone_at - left_at,
+        finally_after=None if trace.finally_at is None else trace.finally_at - abort,
+        gone_after=None if gone_at is None else gone_at - abort,
         last_seen=state,
         lines_after_detection=after_detection,
         trace=trace,

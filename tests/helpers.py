@@ -1,20 +1,21 @@
 """Helpers shared by the real-server tests, on top of tests/servers.py.
 
-The clients are blocking: run them in a worker thread (``anyio.to_thread.run_sync``).
+The clients here are blocking: run them in a worker thread (``anyio.to_thread.run_sync``).
+A request whose client leaves is ``asgi_disconnect.testing``'s ``live.request(leave=...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Literal
 
-import anyio
-import anyio.from_thread
 from _measure import Serve
 
-from tests.servers import ServerKind, close, raw_connection, read_response, request_bytes, run_server, wait_for
+from asgi_disconnect.testing import serve
+from tests.servers import ServerKind, raw_connection, read_response, request_bytes
 
 Close = Literal["fin", "rst"]  # how a client leaves: an orderly FIN, or an abortive RST
 CLOSES: tuple[Close, ...] = ("fin", "rst")
@@ -22,7 +23,7 @@ CLOSES: tuple[Close, ...] = ("fin", "rst")
 
 def served_by(kind: ServerKind) -> Serve:
     """What an example's run is served by: ``kind``, in the test's own event loop."""
-    return lambda app: run_server(app, kind)
+    return functools.partial(serve, server=kind)
 
 
 def fetch(port: int, method: str = "GET", path: str = "/", body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
@@ -30,14 +31,6 @@ def fetch(port: int, method: str = "GET", path: str = "/", body: bytes = b"") ->
     with raw_connection(port) as sock:
         sock.sendall(request_bytes(method, path, body=body))
         return read_response(sock)
-
-
-def leave_once_started(port: int, path: str, started: anyio.Event, how: Close) -> None:
-    """Request ``path``, then leave (FIN or RST) as soon as its handler has set ``started``."""
-    with raw_connection(port) as sock:
-        sock.sendall(request_bytes("GET", path))
-        anyio.from_thread.run(wait_for, started, f"the handler of {path} started")
-        close(sock, how)
 
 
 class Records(logging.Handler):

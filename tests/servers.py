@@ -1,9 +1,12 @@
-"""Real servers and raw sockets for the disconnect tests: the package's loopback harness
+"""Real servers and raw sockets for the byte-exact disconnect tests: the toolkit's engine
 (``asgi_disconnect._loopback``) under the names the tests use, and the test-only helpers.
 
-Servers run in the test's own asyncio loop on 127.0.0.1 with an ephemeral port; the
-raw-socket clients run in a worker thread so that a blocking socket never stalls the
-server they talk to.
+A test whose client sends one request and leaves at a point (before the response, after
+some chunks) uses ``asgi_disconnect.testing``'s ``serve()`` and ``live.request(leave=...)``.
+What is here is for the rest: hostile or hand-made bytes, several requests on one
+connection, a client that stops reading, servers in processes of their own. Servers run
+in the test's own asyncio loop on 127.0.0.1 with an ephemeral port; the raw-socket clients
+run in a worker thread so that a blocking socket never stalls the server they talk to.
 """
 
 from __future__ import annotations

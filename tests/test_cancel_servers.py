@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -15,7 +14,8 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from asgi_disconnect import DisconnectMiddleware, disconnect_state, shield
-from tests.servers import SERVERS, ServerKind, close, raw_connection, read_until, request_bytes, run_server
+from asgi_disconnect.testing import leave, serve
+from tests.servers import SERVERS, ServerKind
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -25,22 +25,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def leave_after(port: int, path: str, how: Literal["fin", "rst"], delay: float, wait_for: bytes = b"") -> None:
-    with raw_connection(port) as sock:
-        sock.sendall(request_bytes(path=path))
-        if wait_for:
-            read_until(sock, wait_for)
-        time.sleep(delay)
-        close(sock, how)
-
-
 @pytest.mark.parametrize("how", ["fin", "rst"])
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_slow_handler_is_cancelled_when_the_client_leaves(kind: ServerKind, how: Literal["fin", "rst"]) -> None:
     """The handler's finally runs within a second of the client leaving; its commit is whole."""
     events: list[str] = []
-    ended = anyio.Event()
-    left_at: list[float] = []
 
     async def slow(request: Request) -> PlainTextResponse:
         try:
@@ -52,19 +41,11 @@ async def test_slow_handler_is_cancelled_when_the_client_leaves(kind: ServerKind
             return PlainTextResponse("late")  # pragma: no cover
         finally:
             events.append(f"cancelled={disconnect_state(request.scope).cancelled}")
-            ended.set()
 
     app = DisconnectMiddleware(Starlette(routes=[Route("/slow", slow)]), cancel=True)
-    async with run_server(app, kind) as port:
-
-        def client() -> None:
-            leave_after(port, "/slow", how, 0.1)
-            left_at.append(time.monotonic())
-
-        await anyio.to_thread.run_sync(client)
-        with anyio.move_on_after(2) as timeout:
-            await ended.wait()
-        assert not timeout.cancel_called, f"handler still running 2 s after the client left: {events}"
+    async with serve(app, server=kind) as live:
+        outcome = await live.request(path="/slow", leave=leave.before_response(after=0.1, how=how))
+    outcome.assert_aborted(phase="before_response", within_ms=1000)
     assert events == ["committed", "cancelled=True"]
 
 
@@ -72,7 +53,6 @@ async def test_slow_handler_is_cancelled_when_the_client_leaves(kind: ServerKind
 async def test_aborted_stream_still_runs_its_background_task(kind: ServerKind) -> None:
     """In cancel mode an aborted StreamingResponse closes its generator and runs its background task."""
     audit: list[str] = []
-    done = anyio.Event()
 
     async def tokens() -> AsyncIterator[bytes]:
         try:
@@ -85,15 +65,12 @@ async def test_aborted_stream_still_runs_its_background_task(kind: ServerKind) -
     async def record() -> None:
         await anyio.sleep(0.05)
         audit.append("audit logged")
-        done.set()
 
     async def stream(request: Request) -> StreamingResponse:
         return StreamingResponse(tokens(), media_type="text/event-stream", background=BackgroundTask(record))
 
     app = DisconnectMiddleware(Starlette(routes=[Route("/stream", stream)]), cancel=True)
-    async with run_server(app, kind) as port:
-        await anyio.to_thread.run_sync(lambda: leave_after(port, "/stream", "rst", 0.05, wait_for=b"token 2"))
-        with anyio.move_on_after(2) as timeout:
-            await done.wait()
-        assert not timeout.cancel_called, f"background task did not run: {audit}"
+    async with serve(app, server=kind) as live:
+        outcome = await live.request(path="/stream", leave=leave.after_chunks(3, how="rst"))
+    outcome.assert_aborted(phase="mid_body", within_ms=2000)  # the background task ran before the response ended
     assert audit == ["stream closed", "audit logged"]

@@ -30,27 +30,27 @@ def demo() -> dict[str, Any]:
 def test_token_stream_keeps_generating_only_without_the_middleware(demo: dict[str, Any]) -> None:
     tokens = demo["scenarios"]["tokens"]
     assert tokens["bare"]["work_after"] >= 20  # uvicorn drops the tokens without telling the app
-    assert tokens["bare"]["cleanup_ms"] > 300
+    assert tokens["bare"]["returned_after_ms"] > 300
     assert tokens["observe"]["work_after"] <= 1  # send() raised ClientDisconnected at the next token
     assert tokens["cancel"]["work_after"] == 0
-    assert tokens["cancel"]["cleanup_ms"] < 100
+    assert tokens["cancel"]["returned_after_ms"] < 100
 
 
 def test_starlette_stream_stops_in_every_mode(demo: dict[str, Any]) -> None:
     # Starlette's own listener stops it bare; the middleware must not make that worse
     for mode, outcome in demo["scenarios"]["sse"].items():
         assert outcome["work_after"] <= 1, mode
-        assert outcome["cleanup_ms"] < 100, mode
+        assert outcome["returned_after_ms"] < 100, mode
 
 
 def test_order_is_committed_for_a_gone_client_only_without_the_middleware(demo: dict[str, Any]) -> None:
     order = demo["scenarios"]["order"]
     assert order["bare"]["committed"] is True
-    assert order["bare"]["open_after_100ms"] == 1
+    assert order["bare"]["transaction_open_ms"] > 100
     assert order["bare"]["work_after"] >= 5
     for mode in ("observe", "cancel"):
         assert order[mode]["committed"] is False, mode  # rolled back
-        assert order[mode]["open_after_100ms"] == 0, mode
+        assert order[mode]["transaction_open_ms"] < 100, mode
         assert order[mode]["work_after"] <= 1, mode
 
 
@@ -59,7 +59,7 @@ def test_only_cancel_mode_stops_a_handler_that_never_checks(demo: dict[str, Any]
     assert slow["bare"]["work_after"] >= 4
     assert slow["observe"]["work_after"] >= 4
     assert slow["cancel"]["work_after"] == 0
-    assert slow["cancel"]["cleanup_ms"] < 100
+    assert slow["cancel"]["returned_after_ms"] < 100
 
 
 def test_each_abort_is_logged_once_and_nothing_prints_a_traceback(demo: dict[str, Any]) -> None:

@@ -365,6 +365,7 @@ async def test_send_after_disconnect_raises_and_is_absorbed_and_logged_once() ->
     event = logs[0]
     assert event["event"] == "client disconnected"
     assert event["log_level"] == "info"
+    assert event["logger"] == "asgi_disconnect"
     assert event["method"] == "GET" and event["path"] == "/slow"
     assert event["phase"] == "before_response"
     assert event["bytes_sent"] == 0 and event["cancelled"] is False

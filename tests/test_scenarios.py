@@ -3,9 +3,9 @@
 Each scenario is a runnable example, imported here: ``examples/llm_proxy.py``,
 ``examples/subprocess_stream.py``, ``examples/ndjson_rows.py``. A test runs the
 example's own ``run()``, its app served by a real server (uvicorn h11/httptools,
-hypercorn) in the test's asyncio loop on 127.0.0.1: a raw-socket client in a worker
-thread reads a little of the stream, then aborts with a TCP RST, and the run measures
-what follows. The tests assert what the examples only print or check loosely.
+hypercorn) in the test's asyncio loop on 127.0.0.1 (``asgi_disconnect.testing.serve``):
+its client reads a little of the stream, then aborts with a TCP RST, and the run
+measures what follows. The tests assert what the examples only print or check loosely.
 
 - LLM proxy: the upstream is a separate process (``examples/fake_llm_upstream.py``),
   reached through an ``httpx.AsyncClient`` stream; the upstream counts the tokens it
@@ -27,8 +27,6 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
-import anyio.to_thread
 import llm_proxy
 import ndjson_rows
 import pytest
@@ -40,8 +38,9 @@ from subprocess_stream import Trace, child_output, wait_gone
 
 from asgi_disconnect import DisconnectMiddleware, guard_stream
 from asgi_disconnect._types import Receive, Scope, Send
+from asgi_disconnect.testing import leave, serve
 from tests.helpers import served_by
-from tests.servers import SERVERS, ServerKind, read_then_leave, run_server
+from tests.servers import SERVERS, ServerKind
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -122,11 +121,12 @@ async def test_guarded_body_cleanup_awaits_complete_without_shield() -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
-    async with run_server(DisconnectMiddleware(raw), "uvicorn-h11") as port:
-        await anyio.to_thread.run_sync(read_then_leave, port, "/", b"line 4\n")
+    async with serve(DisconnectMiddleware(raw), server="uvicorn-h11") as live:
+        outcome = await live.request(leave=leave.after_chunks(5, how="rst"))
         assert trace.pid is not None
         state, _ = await wait_gone(trace.pid)
         await wait_until(lambda: trace.returncode is not None, subprocess_stream.FINALLY_WITHIN)
+    outcome.assert_aborted(phase="mid_body")
     assert state == "gone"
     assert trace.returncode is not None, "the finally's wait for the child was cancelled: it never reaped it"
 

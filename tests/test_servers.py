@@ -1,8 +1,9 @@
 """DisconnectMiddleware against real servers: uvicorn (h11, httptools) and hypercorn.
 
-The servers run in the test's own asyncio loop (tests/servers.py), except in the
-traceback checks, which read a server subprocess's output. Clients are raw blocking
-sockets in a worker thread; they leave with an orderly FIN or an abortive RST.
+The servers run in the test's own asyncio loop and the clients leave with an orderly FIN
+or an abortive RST: ``asgi_disconnect.testing``'s ``serve()`` and ``live.request()``.
+The keep-alive test drives one raw blocking socket in a worker thread; the traceback
+checks read a server subprocess's output.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 import pytest
 import structlog.testing
@@ -27,24 +27,21 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, DisconnectState, disconnect_state
-from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
+from asgi_disconnect._types import Receive, Scope, Send
+from asgi_disconnect.testing import leave, serve
 
 from . import apps
-from .helpers import CLOSES, Close, leave_once_started
+from .helpers import CLOSES, Close
 from .servers import (
     SERVERS,
-    Outermost,
     ServerKind,
     close,
     free_port,
     raw_connection,
     read_response,
-    read_then_leave,
     read_until,
     request_bytes,
     run_process,
-    run_server,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
@@ -56,17 +53,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def anyio_backend() -> str:
     """Real servers run on asyncio only."""
     return "asyncio"
-
-
-class Served(Outermost):
-    """``DisconnectMiddleware(app)``, plus what escaped it and when an HTTP request returned.
-
-    It answers ``lifespan`` itself by returning at once: hypercorn then goes on without
-    lifespan support, quietly (uvicorn is run with ``lifespan="off"``).
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        super().__init__(DisconnectMiddleware(app), pass_other_scopes=False)
 
 
 async def send_text(send: Send, body: bytes, status: int = 200) -> None:
@@ -82,32 +68,23 @@ async def send_text(send: Send, body: bytes, status: int = 200) -> None:
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_handler_that_never_receives_sees_disconnect_before_response(kind: ServerKind, how: Close) -> None:
     """A handler that never calls receive() learns that the client left, and its send() raises ClientDisconnected."""
-    started = anyio.Event()
-    seen: dict[str, object] = {}
+    send_errors: list[BaseException] = []
 
     async def handler(scope: Scope, receive: Receive, send: Send) -> None:
-        state = disconnect_state(scope)
-        started.set()
-        with anyio.move_on_after(5) as timeout:
-            await state.wait()
-        seen.update(timed_out=timeout.cancel_called, disconnected=state.disconnected, phase=state.phase)
+        await disconnect_state(scope).wait()
         try:
             await send_text(send, b"too late")
         except ClientDisconnected as exc:
-            seen["send_error"] = exc
+            send_errors.append(exc)
             raise  # the middleware absorbs it: no traceback for a client that left
 
-    served = Served(handler)
-    async with run_server(served, kind) as port:
-        with structlog.testing.capture_logs() as logs:
-            await anyio.to_thread.run_sync(leave_once_started, port, "/report", started, how)
-            await wait_for(served.returned, "the app returned")
+    with structlog.testing.capture_logs() as logs:
+        async with serve(DisconnectMiddleware(handler), server=kind, lifespan="off") as live:
+            outcome = await live.request(path="/report", leave=leave.before_response(how=how))
 
-    assert seen["timed_out"] is False, "disconnect_state(scope).wait() should return once the client left"
-    assert seen["disconnected"] is True
-    assert seen["phase"] == "before_response"
-    assert isinstance(seen.get("send_error"), ClientDisconnected)
-    assert served.escaped == []
+    # disconnect_state(scope).wait() returned once the client left: the handler did not run to the timeout
+    outcome.assert_aborted(phase="before_response", within_ms=1000)
+    assert [type(exc) for exc in send_errors] == [ClientDisconnected]
     assert [(log["event"], log["phase"], log["path"]) for log in logs] == [
         ("client disconnected", "before_response", "/report")
     ]
@@ -124,13 +101,11 @@ MAX_CHUNKS = 250  # 5 s of stream at most: the test fails long before, if nothin
 async def test_streaming_handler_send_raises_mid_body(kind: ServerKind, how: Close) -> None:
     """A raw ASGI stream's send() raises ClientDisconnected soon after the client leaves, so it stops producing."""
     produced_after_detection = 0
-    states: list[DisconnectState] = []
-    raised_at: list[float] = []
+    raised: list[ClientDisconnected] = []
 
     async def handler(scope: Scope, receive: Receive, send: Send) -> None:
         nonlocal produced_after_detection
         state = disconnect_state(scope)
-        states.append(state)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
         try:
             for index in range(MAX_CHUNKS):
@@ -139,23 +114,17 @@ async def test_streaming_handler_send_raises_mid_body(kind: ServerKind, how: Clo
                 await send({"type": "http.response.body", "body": b"chunk %04d\n" % index, "more_body": True})
                 await anyio.sleep(CHUNK_INTERVAL)
             await send({"type": "http.response.body", "body": b""})
-        except ClientDisconnected:
-            raised_at.append(time.monotonic())
+        except ClientDisconnected as exc:
+            raised.append(exc)
             raise
 
-    served = Served(handler)
-    async with run_server(served, kind) as port:
-        closed_at = await anyio.to_thread.run_sync(read_then_leave, port, "/stream", b"chunk 0000\n", how)
-        await wait_for(served.returned, "the stream ended")
+    async with serve(DisconnectMiddleware(handler), server=kind, lifespan="off") as live:
+        outcome = await live.request(path="/stream", leave=leave.after_chunks(1, how=how))
 
-    [state] = states
-    assert raised_at, "send() should raise ClientDisconnected once the client has gone"
-    assert raised_at[0] - closed_at < 2.0
-    assert state.disconnected is True
-    assert state.phase == "mid_body"
-    assert state.bytes_sent > 0
+    assert raised, "send() should raise ClientDisconnected once the client has gone"
+    outcome.assert_aborted(phase="mid_body", within_ms=2000)  # it raised, and the stream stopped
+    assert outcome.state is not None and outcome.state.bytes_sent > 0
     assert 1 <= produced_after_detection <= 2
-    assert served.escaped == []
 
 
 # -- 3. request bodies reach the app intact --------------------------------------------------
@@ -164,13 +133,12 @@ BODY = random.Random(20240601).randbytes(1 << 20)
 PIECE = 64 * 1024
 
 
-def upload_pieces(encoding: str) -> tuple[dict[str, str], list[bytes]]:
-    """Headers and the wire pieces of a 1 MiB upload, sent one ``sendall`` each."""
-    pieces = [BODY[offset : offset + PIECE] for offset in range(0, len(BODY), PIECE)]
+def upload(encoding: str) -> tuple[list[tuple[str, str]], bytes]:
+    """The framing header and the wire bytes of a 1 MiB upload (chunked: in 64 KiB chunks)."""
     if encoding == "content-length":
-        return {"Content-Length": str(len(BODY))}, pieces
-    encoded = [b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces]
-    return {"Transfer-Encoding": "chunked"}, [*encoded, b"0\r\n\r\n"]
+        return [("content-length", str(len(BODY)))], BODY
+    pieces = [BODY[offset : offset + PIECE] for offset in range(0, len(BODY), PIECE)]
+    return [("transfer-encoding", "chunked")], b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
 
 
 @pytest.mark.parametrize("pause", [0.0, 0.05], ids=["reads-at-once", "reads-late"])
@@ -181,10 +149,8 @@ async def test_upload_reaches_app_byte_exact(kind: ServerKind, encoding: str, pa
 
     ``reads-late`` lets the middleware's watcher read ahead before the app asks for the body.
     """
-    states: list[DisconnectState] = []
 
     async def echo(scope: Scope, receive: Receive, send: Send) -> None:
-        states.append(disconnect_state(scope))
         await anyio.sleep(pause)
         chunks: list[bytes] = []
         for _ in range(len(BODY)):  # bounded: at least one byte per message but the last
@@ -195,28 +161,14 @@ async def test_upload_reaches_app_byte_exact(kind: ServerKind, encoding: str, pa
                 break
         await send_text(send, b"".join(chunks))
 
-    served = Served(echo)
-    async with run_server(served, kind) as port:
-        headers, pieces = upload_pieces(encoding)
+    headers, wire = upload(encoding)
+    async with serve(DisconnectMiddleware(echo), server=kind, lifespan="off") as live:
+        outcome = await live.request(method="POST", path="/echo", headers=headers, body=wire)
 
-        def client() -> tuple[int, bytes]:
-            with raw_connection(port) as sock:
-                sock.sendall(request_bytes("POST", "/echo", headers))
-                for piece in pieces:
-                    sock.sendall(piece)
-                status, _, body = read_response(sock)
-                close(sock, "fin")
-            return status, body
-
-        status, body = await anyio.to_thread.run_sync(client)
-        await wait_for(served.returned, "the app returned")
-
-    assert status == 200
-    assert len(body) == len(BODY)
-    assert body == BODY
-    [state] = states
-    assert state.disconnected is False
-    assert served.escaped == []
+    outcome.assert_completed()  # never marked disconnected
+    assert outcome.status == 200
+    assert len(outcome.body) == len(BODY)
+    assert outcome.body == BODY
 
 
 # -- 4. keep-alive: a normal close is not an abort --------------------------------------------
@@ -234,11 +186,11 @@ async def test_keepalive_requests_are_never_marked_disconnected(kind: ServerKind
         await anyio.sleep(0.001)  # suspend, so that the middleware starts watching
         await send_text(send, scope["path"].encode())
 
-    async with run_server(Served(handler), kind) as port:
+    async with serve(DisconnectMiddleware(handler), server=kind, lifespan="off") as live:
 
         def client() -> list[tuple[int, bytes]]:
             responses = []
-            with raw_connection(port) as sock:
+            with raw_connection(live.port) as sock:
                 for index in range(KEEPALIVE_REQUESTS):
                     sock.sendall(request_bytes("GET", f"/{index}"))
                     status, _, body = read_response(sock)
@@ -280,14 +232,10 @@ async def test_flag_set_under_base_http_middleware(kind: ServerKind, how: Close)
     cancels its receive() at once, and BaseHTTPMiddleware's receive enters a task group,
     a checkpoint where that cancellation always lands before a message comes out.
     """
-    started = anyio.Event()
-    client_left = anyio.Event()
-    polls: list[tuple[bool, bool]] = []  # (ours, Starlette's), after the client left
+    polls: list[tuple[bool, bool]] = []  # (ours, Starlette's)
 
     async def endpoint(request: Request) -> Response:
         state = disconnect_state(request.scope)
-        started.set()
-        await wait_for(client_left, "the client left")
         polls_after_ours = 0
         for _ in range(MAX_POLLS):
             polls.append((state.disconnected, await request.is_disconnected()))
@@ -298,17 +246,15 @@ async def test_flag_set_under_base_http_middleware(kind: ServerKind, how: Close)
             await anyio.sleep(POLL_INTERVAL)
         return PlainTextResponse("too late")
 
-    served = Served(Starlette(routes=[Route("/poll", endpoint)], middleware=[Middleware(NoOpMiddleware)]))
-    async with run_server(served, kind) as port:
-        await anyio.to_thread.run_sync(leave_once_started, port, "/poll", started, how)
-        client_left.set()
-        await wait_for(served.returned, "the app returned")
+    app = Starlette(routes=[Route("/poll", endpoint)], middleware=[Middleware(NoOpMiddleware)])
+    async with serve(DisconnectMiddleware(app), server=kind) as live:
+        outcome = await live.request(path="/poll", leave=leave.before_response(how=how))
 
     assert polls[-1][0] is True, "disconnect_state(scope).disconnected should become True"
     assert [starlette for _, starlette in polls] == [False] * len(polls), (
         "Starlette's is_disconnected() now works under BaseHTTPMiddleware: update this test and the README"
     )
-    assert served.escaped == []
+    outcome.assert_aborted(phase="before_response")
 
 
 # -- 6. Starlette's StreamingResponse still stops promptly -----------------------------------
@@ -318,8 +264,7 @@ async def test_flag_set_under_base_http_middleware(kind: ServerKind, how: Close)
 @pytest.mark.parametrize("kind", SERVERS)
 async def test_starlette_streaming_generator_closed_promptly(kind: ServerKind, how: Close) -> None:
     """A StreamingResponse generator blocked on an upstream await runs its finally soon after the client leaves."""
-    finally_ran_at: list[float] = []
-    states: list[DisconnectState] = []
+    finally_ran = anyio.Event()
 
     async def tokens() -> AsyncIterator[bytes]:
         try:
@@ -327,23 +272,17 @@ async def test_starlette_streaming_generator_closed_promptly(kind: ServerKind, h
             await anyio.sleep(30)  # an upstream that never answers
             yield b"never\n"
         finally:
-            finally_ran_at.append(time.monotonic())
+            finally_ran.set()
 
     async def endpoint(request: Request) -> Response:
-        states.append(disconnect_state(request.scope))
         return StreamingResponse(tokens(), media_type="text/plain")
 
-    served = Served(Starlette(routes=[Route("/tokens", endpoint)]))
-    async with run_server(served, kind) as port:
-        closed_at = await anyio.to_thread.run_sync(read_then_leave, port, "/tokens", b"first token\n", how)
-        await wait_for(served.returned, "the response ended")
+    app = DisconnectMiddleware(Starlette(routes=[Route("/tokens", endpoint)]))
+    async with serve(app, server=kind) as live:
+        outcome = await live.request(path="/tokens", leave=leave.after_chunks(1, how=how))
 
-    assert finally_ran_at, "the generator's finally should have run"
-    assert finally_ran_at[0] - closed_at < 2.0
-    [state] = states
-    assert state.disconnected is True
-    assert state.phase == "mid_body"
-    assert served.escaped == []
+    assert finally_ran.is_set(), "the generator's finally should have run before the response ended"
+    outcome.assert_aborted(phase="mid_body", within_ms=2000)
 
 
 # -- 7. no traceback in the server's output -------------------------------------------------

@@ -1,12 +1,12 @@
 """guard_stream inside real frameworks over real servers, with raw-socket clients that abort.
 
 Each framework's streaming response is served by a real uvicorn (httptools; the cheap
-cases on every server in ``SERVERS``) in the test's asyncio loop. The client, a blocking
-socket in a worker thread, reads a few tokens and leaves with an RST or a FIN. The source
-generator records which task iterated it, which task ran its ``finally`` and when each
-token was produced, so each test checks what a user of that framework relies on: the
-source is closed promptly, in its own task, before the response returns, and it does no
-work for a client that is gone.
+cases on every server in ``SERVERS``) in the test's asyncio loop, and its client reads a
+few tokens and leaves with an RST or a FIN: ``asgi_disconnect.testing``'s ``serve()`` and
+``live.request()``. The source generator records which task iterated it, which task ran
+its ``finally`` and when each token was produced, so each test checks what a user of that
+framework relies on: the source is closed promptly, in its own task, before the response
+returns, and it does no work for a client that is gone.
 """
 
 from __future__ import annotations
@@ -35,17 +35,9 @@ from starlette.routing import Route
 
 from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, DisconnectState, disconnect_state, guard_stream
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
-from tests.helpers import Close, fetch
-from tests.servers import (
-    SERVERS,
-    Outermost,
-    ServerKind,
-    close,
-    read_then_leave,
-    request_bytes,
-    run_server,
-    wait_for,
-)
+from asgi_disconnect.testing import leave, serve
+from tests.helpers import Close
+from tests.servers import SERVERS, Outermost, ServerKind, close, request_bytes, run_server, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -57,7 +49,8 @@ SELF_FRAMING: tuple[Framework, ...] = ("fastapi-sse", "sse-starlette")
 TOKEN_EVERY = 0.01
 MAX_TOKENS = 1000  # 10 s of stream at most: every test fails long before, if nothing stops it
 STALL_AFTER = 3  # the stalled-upstream variant blocks before token 3
-WITHIN = 2.0  # seconds from the client's close to the source's finally
+READ_TOKENS = 3  # the client leaves once it has received tokens 0, 1 and 2
+WITHIN = 2.0  # seconds from the client's close to the source's finally and the response's end
 
 
 @pytest.fixture
@@ -97,7 +90,7 @@ class Source:
             self.closed.set()
 
 
-def build_app(framework: Framework, source: Source, heartbeat: float | None = None) -> Outermost:
+def build_app(framework: Framework, source: Source, heartbeat: float | None = None) -> ASGIApp:
     """The framework's own streaming response over ``guard_stream(source(), scope)`` at ``/stream``."""
     if framework == "raw":
 
@@ -111,7 +104,7 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
                 await send({"type": "http.response.body", "body": token.encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        return Outermost(DisconnectMiddleware(raw))
+        return DisconnectMiddleware(raw)
 
     if framework in ("starlette", "sse-starlette"):
 
@@ -124,7 +117,7 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
 
         starlette_app = Starlette(routes=[Route("/stream", starlette_stream)])
         starlette_app.add_middleware(DisconnectMiddleware)
-        return Outermost(starlette_app)
+        return starlette_app
 
     if framework in ("fastapi", "fastapi-sse"):
         fastapi_app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
@@ -145,7 +138,7 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
                 async for item in guard_stream(source(), request.scope, heartbeat=heartbeat):
                     yield item
 
-        return Outermost(fastapi_app)
+        return fastapi_app
 
     @get("/stream")
     async def litestar_stream(request: LitestarRequest[Any, Any, Any]) -> Stream:
@@ -159,7 +152,7 @@ def build_app(framework: Framework, source: Source, heartbeat: float | None = No
         middleware=[DisconnectMiddleware],
         logging_config=None,  # Litestar would otherwise configure the process's logging
     )
-    return Outermost(cast(ASGIApp, litestar_app))
+    return cast(ASGIApp, litestar_app)
 
 
 # -- the source stops, in its own task, before the response ends ------------------------------
@@ -188,21 +181,18 @@ async def test_aborted_stream_closes_its_source_in_the_iterating_task(
 ) -> None:
     """After a mid-stream abort the source's finally runs promptly, in its own task, and no token follows detection."""
     source = Source(framed=framework not in SELF_FRAMING, stall_after=STALL_AFTER if variant != "producing" else None)
-    probe = build_app(framework, source)
-    async with run_server(probe, kind) as port:
-        left_at = await anyio.to_thread.run_sync(read_then_leave, port, "/stream", b"token 2", how)
-        await wait_for(source.closed, "the source's finally ran", WITHIN)
-        await wait_for(probe.returned, "the response returned", WITHIN)
+    async with serve(build_app(framework, source), server=kind) as live:
+        outcome = await live.request(path="/stream", leave=leave.after_chunks(READ_TOKENS, how=how))
 
-    state = source.state
-    assert state is not None and state.disconnected and state.phase == "mid_body"
+    outcome.assert_aborted(phase="mid_body", within_ms=WITHIN * 1000)
+    state, left_at = outcome.state, outcome.left_at
+    assert state is source.state and state is not None and left_at is not None
     assert state.detected_at is not None and state.detected_at >= left_at
-    assert source.closed_at is not None and source.closed_at - left_at < WITHIN
-    # One task iterated the source, and that task ran its finally (not the GC, not another task).
+    # The source was closed before the response returned to the server (live.request() waits for that),
+    assert source.closed_at is not None, "the source's finally did not run before the response returned"
+    # by the one task that iterated it (not the GC, not another task).
     assert len(source.iterated_in) == 1
     assert source.closed_in in source.iterated_in
-    # The source was closed before the response returned to the server.
-    assert probe.returned_at is not None and source.closed_at <= probe.returned_at
     after = [t for t in source.produced if t > state.detected_at]
     assert len(after) <= 1, f"{len(after)} tokens produced after the disconnect was detected"
     if variant == "stalled-upstream":
@@ -213,13 +203,11 @@ async def test_aborted_stream_closes_its_source_in_the_iterating_task(
 async def test_aborted_stream_is_a_quiet_close_for_the_server(framework: Framework) -> None:
     """A guarded stream aborted mid-body lets nothing escape to the server and is logged once, phase mid_body."""
     source = Source(framed=framework not in SELF_FRAMING)
-    probe = build_app(framework, source)
     with structlog.testing.capture_logs() as logs:
-        async with run_server(probe, "uvicorn-httptools") as port:
-            await anyio.to_thread.run_sync(read_then_leave, port, "/stream", b"token 2")
-            await wait_for(probe.returned, "the response returned", WITHIN)
+        async with serve(build_app(framework, source), server="uvicorn-httptools") as live:
+            outcome = await live.request(path="/stream", leave=leave.after_chunks(READ_TOKENS, how="rst"))
 
-    assert probe.escaped == []
+    outcome.assert_aborted(phase="mid_body")  # nothing escaped, no traceback in the server's log
     assert [(log["event"], log["phase"], log["path"]) for log in logs] == [
         ("client disconnected", "mid_body", "/stream")
     ]
@@ -235,13 +223,12 @@ HEARTBEAT_FRAMEWORKS: tuple[Framework, ...] = ("starlette", "sse-starlette")
 async def test_heartbeats_reach_the_client_before_the_first_token(framework: Framework, kind: ServerKind) -> None:
     """With heartbeat=0.05 and a source idle for 0.3 s, the client reads ': ping' frames before the first token."""
     source = Source(framed=framework not in SELF_FRAMING, first_after=0.3, tokens=3)
-    probe = build_app(framework, source, heartbeat=0.05)
+    async with serve(build_app(framework, source, heartbeat=0.05), server=kind) as live:
+        outcome = await live.request(path="/stream")
 
-    async with run_server(probe, kind) as port:
-        status, headers, body = await anyio.to_thread.run_sync(fetch, port, "GET", "/stream")
-        await wait_for(probe.returned, "the response returned", WITHIN)
-
-    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    outcome.assert_completed()
+    assert outcome.status == 200 and dict(outcome.headers)[b"content-type"].startswith(b"text/event-stream")
+    body = outcome.body
     first = body.index(b"token 0")
     assert body[:first].count(b": ping\n\n") >= 2, body[:200]
     # The frames never split an event: every token arrives whole and in order.
@@ -251,7 +238,6 @@ async def test_heartbeats_reach_the_client_before_the_first_token(framework: Fra
         b"data: token 2",
     ]
     assert source.closed_in in source.iterated_in
-    assert probe.escaped == []
 
 
 # -- a client that stops reading is treated as gone ---------------------------------------------

@@ -1,4 +1,4 @@
-"""The ``asgi-disconnect`` command line: ``demo`` and ``doctor``."""
+"""The ``asgi-disconnect`` command line: ``demo``, ``doctor`` and ``check``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ _COMMANDS = {
         "Start each installed ASGI server on 127.0.0.1 with a probe app and report the "
         "spec version it advertises, how fast http.disconnect arrives and whether send() raises.",
     ),
+    "check": (
+        "serve your own app and report how long its handlers run after the client left",
+        "",  # check.add_arguments() sets it
+    ),
 }
 
 
@@ -34,6 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.add_argument(
                 "--quick", action="store_true", help="a shorter retry storm (for tests); noisier figures"
             )
+        elif name == "check":
+            from . import check
+
+            check.add_arguments(command)
         command.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -46,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .doctor import run_doctor
 
         return run_doctor(as_json=args.json)
+    if args.command == "check":
+        from .check import run_check
+
+        return run_check(args)
     parser.print_help()
     return 2
 

@@ -2,9 +2,11 @@
 
 One uvicorn serves, on a free port of 127.0.0.1, the same small apps three times: bare
 (``/bare/...``), wrapped in ``DisconnectMiddleware`` (``/observe/...``) and wrapped in
-``DisconnectMiddleware(cancel=True)`` (``/cancel/...``). Raw-socket clients leave each
-request mid-flight, and the apps record what they did afterwards. The app code is the
-same for all three: it uses the package only where a handler would, through
+``DisconnectMiddleware(cancel=True)`` (``/cancel/...``). The server and the clients that
+leave each request mid-flight are ``asgi_disconnect.testing``'s (``serve()``,
+``live.request()``): each ``Outcome`` says when the handler returned and what the server
+logged, and the apps record the work they did after the client left. The app code is
+the same for all three: it uses the package only where a handler would, through
 ``scope.get(SCOPE_KEY)``, which is ``None`` when the middleware is absent.
 
 Needs uvicorn and Starlette (``pip install 'asgi-disconnect[demo]'``); SQLite is the
@@ -16,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import random
 import sqlite3
 import sys
@@ -36,8 +37,9 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from asgi_disconnect import SCOPE_KEY, DisconnectMiddleware, DisconnectState, guard_stream, shield
-from asgi_disconnect._loopback import HOST, request_bytes, request_then_leave, serve
+from asgi_disconnect._loopback import HOST, request_bytes
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
+from asgi_disconnect.testing import Departure, Live, leave, serve
 
 MODES = ("bare", "observe", "cancel")
 
@@ -68,8 +70,7 @@ class Trace:
     """What one request's handler did, with ``time.monotonic()`` stamps."""
 
     work: list[float] = field(default_factory=list)
-    cleanup_at: float | None = None
-    ended_at: float | None = None  # the outermost layer returned
+    transaction_ended_at: float | None = None
     committed: bool | None = None
 
 
@@ -78,7 +79,6 @@ class Recorder:
 
     def __init__(self) -> None:
         self.trace = Trace()
-        self.open_transactions = 0
         # retry storm: request id -> holds a slot; ids whose client gave up
         self.holders: set[str] = set()
         self.abandoned: dict[str, float] = {}  # id -> when its client closed
@@ -112,27 +112,21 @@ def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
         # frameworks write it): nothing here listens for the disconnect, and uvicorn
         # drops the data sent after it without a word.
         trace = rec.trace
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
-            for n in range(1, timing.tokens + 1):
-                await asyncio.sleep(timing.token_every)  # the model computes a token (GPU time, billed)
-                trace.work.append(time.monotonic())
-                await send({"type": "http.response.body", "body": f"tok{n} ".encode(), "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            trace.cleanup_at = time.monotonic()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for n in range(1, timing.tokens + 1):
+            await asyncio.sleep(timing.token_every)  # the model computes a token (GPU time, billed)
+            trace.work.append(time.monotonic())
+            await send({"type": "http.response.body", "body": f"tok{n} ".encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
 
     async def sse_feed(request: Request) -> Response:
         trace = rec.trace
 
         async def events() -> AsyncIterator[bytes]:
-            try:
-                for n in range(1, timing.events + 1):
-                    await asyncio.sleep(timing.event_every)  # wait for the next update
-                    trace.work.append(time.monotonic())
-                    yield f"data: update {n}\n\n".encode()
-            finally:
-                trace.cleanup_at = time.monotonic()
+            for n in range(1, timing.events + 1):
+                await asyncio.sleep(timing.event_every)  # wait for the next update
+                trace.work.append(time.monotonic())
+                yield f"data: update {n}\n\n".encode()
 
         body: AsyncIterator[bytes] = events()
         if _state(request.scope) is not None:
@@ -155,7 +149,6 @@ def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
 
         try:
             await sql("BEGIN IMMEDIATE")
-            rec.open_transactions += 1
             try:
                 for n in range(timing.rows):
                     await asyncio.sleep(timing.row_every)
@@ -178,21 +171,17 @@ def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
                     trace.committed = False
                 raise
             finally:
-                rec.open_transactions -= 1
+                trace.transaction_ended_at = time.monotonic()
         finally:
             db.close()
-            trace.cleanup_at = time.monotonic()
 
     async def slow(request: Request) -> Response:
         # A handler written without the package in mind: it never looks at the flag.
         trace = rec.trace
-        try:
-            for _ in range(timing.steps):
-                await asyncio.sleep(timing.step_every)  # an upstream call
-                trace.work.append(time.monotonic())
-            return PlainTextResponse("report ready")
-        finally:
-            trace.cleanup_at = time.monotonic()
+        for _ in range(timing.steps):
+            await asyncio.sleep(timing.step_every)  # an upstream call
+            trace.work.append(time.monotonic())
+        return PlainTextResponse("report ready")
 
     slots = asyncio.Semaphore(timing.storm_slots)
 
@@ -221,21 +210,11 @@ def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
         ]
     )
 
-    def ended(app: ASGIApp) -> ASGIApp:
-        async def outermost(scope: Scope, receive: Receive, send: Send) -> None:
-            trace = rec.trace
-            try:
-                await app(scope, receive, send)
-            finally:
-                trace.ended_at = time.monotonic()
-
-        return outermost
-
     return Starlette(
         routes=[
-            Mount("/bare", app=ended(scenarios)),
-            Mount("/observe", app=ended(DisconnectMiddleware(scenarios))),
-            Mount("/cancel", app=ended(DisconnectMiddleware(scenarios, cancel=True))),
+            Mount("/bare", app=scenarios),
+            Mount("/observe", app=DisconnectMiddleware(scenarios)),
+            Mount("/cancel", app=DisconnectMiddleware(scenarios, cancel=True)),
         ]
     )
 
@@ -244,12 +223,12 @@ def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
 
 
 @dataclass
-class Outcome:
+class Result:
     """What one scenario did in one mode after its client left."""
 
     work_after: int
-    cleanup_ms: float | None  # None: cleanup did not run within the wait
-    open_after_100ms: int | None = None
+    returned_after_ms: float | None  # None: the handler still ran at the timeout (5 s)
+    transaction_open_ms: float | None = None  # how long the transaction stayed open after the client left
     committed: bool | None = None
     logged: int = 0
     tracebacks: int = 0
@@ -260,97 +239,51 @@ class Scenario:
     key: str
     title: str
     unit: str  # what "work" counts
-    client: Callable[[int, str], float]  # (port, mode) -> when the client left
-    transaction: bool = False
-
-
-class _Collector(logging.Handler):
-    """Counts the records that carry a traceback (the server's "Exception in ASGI application")."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.tracebacks: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or record.levelno >= logging.ERROR:
-            self.tracebacks.append(f"{record.name}: {record.getMessage()}")
-
-
-@contextlib.contextmanager
-def _captured_logs() -> Iterator[tuple[_Collector, list[MutableMapping[str, Any]]]]:
-    """Collect the stdlib records and the middleware's structlog events instead of printing them."""
-    collector = _Collector()
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(collector)
-    root.setLevel(logging.WARNING)
-    try:
-        with structlog.testing.capture_logs() as events:
-            yield collector, events
-    finally:
-        root.removeHandler(collector)
-        root.setLevel(old_level)
+    path: str  # under /bare, /observe and /cancel
+    leave: Departure  # where the client leaves
+    method: str = "GET"
 
 
 def _scenarios(timing: Timing) -> list[Scenario]:
     return [
-        Scenario(
-            "tokens",
-            "LLM token stream (plain ASGI)",
-            "tokens generated",
-            lambda port, mode: request_then_leave(port, f"/{mode}/tokens", until=b"tok5 "),
-        ),
-        Scenario(
-            "sse",
-            "SSE feed (Starlette StreamingResponse)",
-            "events generated",
-            lambda port, mode: request_then_leave(port, f"/{mode}/sse", until=b"update 3\n\n"),
-        ),
+        Scenario("tokens", "LLM token stream (plain ASGI)", "tokens generated", "/tokens", leave.after_chunks(5)),
+        Scenario("sse", "SSE feed (Starlette StreamingResponse)", "events generated", "/sse", leave.after_chunks(3)),
         Scenario(
             "order",
             "DB transaction (Starlette + SQLite)",
             "rows written",
-            lambda port, mode: request_then_leave(
-                port, f"/{mode}/order", method="POST", headers={"Content-Length": "0"}, wait=timing.row_every * 3.5
-            ),
-            transaction=True,
+            "/order",
+            leave.before_response(after=timing.row_every * 3.5),
+            method="POST",
         ),
         Scenario(
             "slow",
             "slow handler (Starlette, never checks)",
             "upstream calls made",
-            lambda port, mode: request_then_leave(port, f"/{mode}/slow", wait=timing.step_every * 1.5),
+            "/slow",
+            leave.before_response(after=timing.step_every * 1.5),
         ),
     ]
 
 
 async def _run_one(
-    scenario: Scenario,
-    mode: str,
-    port: int,
-    rec: Recorder,
-    collector: _Collector,
-    events: list[MutableMapping[str, Any]],
-) -> Outcome:
+    scenario: Scenario, mode: str, live: Live, rec: Recorder, events: list[MutableMapping[str, Any]]
+) -> Result:
     trace = rec.fresh()
-    logged_before, tracebacks_before = len(events), len(collector.tracebacks)
-    left_at = await asyncio.to_thread(scenario.client, port, mode)
-    open_after: int | None = None
-    if scenario.transaction:
-        await asyncio.sleep(max(0.0, left_at + 0.1 - time.monotonic()))
-        open_after = rec.open_transactions
-    for _ in range(500):  # at most 5 s for the handler (a bare one runs to its end)
-        if trace.ended_at is not None:
-            break
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.02)  # let the server's own error logging, if any, happen
-    return Outcome(
+    logged_before = len(events)
+    headers = [("content-length", "0")] if scenario.method == "POST" else []
+    outcome = await live.request(
+        method=scenario.method, path=f"/{mode}{scenario.path}", headers=headers, leave=scenario.leave
+    )
+    left_at = time.monotonic() if outcome.left_at is None else outcome.left_at  # None: the response came first
+    ended = trace.transaction_ended_at
+    return Result(
         work_after=sum(1 for t in trace.work if t > left_at),
-        cleanup_ms=None if trace.cleanup_at is None else max(0.0, trace.cleanup_at - left_at) * 1000,
-        open_after_100ms=open_after,
+        returned_after_ms=outcome.app_returned_after_ms,
+        transaction_open_ms=None if ended is None else max(0.0, ended - left_at) * 1000,
         committed=trace.committed,
         logged=len(events) - logged_before,
-        tracebacks=len(collector.tracebacks) - tracebacks_before,
+        tracebacks=len(outcome.tracebacks),
     )
 
 
@@ -469,7 +402,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def report(
-    results: dict[str, dict[str, Outcome]], scenarios: Sequence[Scenario], storm: dict[str, StormResult], timing: Timing
+    results: dict[str, dict[str, Result]], scenarios: Sequence[Scenario], storm: dict[str, StormResult], timing: Timing
 ) -> str:
     """The side-by-side text tables."""
     rows: list[list[str]] = [["", "bare app", "observe", "cancel"]]
@@ -477,9 +410,9 @@ def report(
         by_mode = [results[scenario.key][mode] for mode in MODES]
         rows.append([scenario.title, "", "", ""])
         rows.append([f"  {scenario.unit} after the client left", *(str(o.work_after) for o in by_mode)])
-        rows.append(["  its cleanup (finally) ran after", *(_ms(o.cleanup_ms) for o in by_mode)])
-        if scenario.transaction:
-            rows.append(["  transactions open 100 ms later", *(str(o.open_after_100ms) for o in by_mode)])
+        rows.append(["  the handler returned after", *(_ms(o.returned_after_ms) for o in by_mode)])
+        if by_mode[0].transaction_open_ms is not None:
+            rows.append(["  transaction open after the client left", *(_ms(o.transaction_open_ms) for o in by_mode)])
             rows.append(
                 [
                     "  order committed for a gone client",
@@ -521,10 +454,10 @@ def report(
     )
 
 
-def _as_json(results: dict[str, dict[str, Outcome]], storm: dict[str, StormResult]) -> dict[str, Any]:
+def _as_json(results: dict[str, dict[str, Result]], storm: dict[str, StormResult]) -> dict[str, Any]:
     return {
         "scenarios": {
-            key: {mode: vars(outcome) for mode, outcome in by_mode.items()} for key, by_mode in results.items()
+            key: {mode: vars(result) for mode, result in by_mode.items()} for key, by_mode in results.items()
         },
         "storm": {mode: {**vars(r), "useful_per_second": r.useful_per_second} for mode, r in storm.items()},
     }
@@ -533,33 +466,33 @@ def _as_json(results: dict[str, dict[str, Outcome]], storm: dict[str, StormResul
 async def _demo(timing: Timing, out: Callable[[str], None], tables: bool) -> dict[str, Any]:
     rec = Recorder()
     scenarios = _scenarios(timing)
-    results: dict[str, dict[str, Outcome]] = {s.key: {} for s in scenarios}
+    results: dict[str, dict[str, Result]] = {s.key: {} for s in scenarios}
     storm: dict[str, StormResult] = {}
     with tempfile.TemporaryDirectory(prefix="asgi-disconnect-demo-") as tmp:
         db_path = Path(tmp) / "orders.sqlite"
         with sqlite3.connect(db_path) as db:
             db.execute("CREATE TABLE order_rows (id INTEGER PRIMARY KEY, line INTEGER)")
-        with _captured_logs() as (collector, events):
-            # The harness configures no logging: uvicorn's records reach the root logger, where
-            # they are counted. A bare handler whose client has gone may still run at the end.
+        # serve() keeps the server's log lines; the middleware's structlog events are kept
+        # here, counted instead of printed. A bare handler whose client has gone may still
+        # run at the end.
+        with structlog.testing.capture_logs() as events:
             async with serve(build_apps(rec, timing, db_path), stop_timeout=2) as live:
-                port = live.port
-                out(f"uvicorn {uvicorn.__version__} on http://{live.host}:{port}")
+                out(f"uvicorn {uvicorn.__version__} on {live.url}")
                 for scenario in scenarios:
                     out(f"  {scenario.title}:")
                     for mode in MODES:
-                        outcome = await _run_one(scenario, mode, port, rec, collector, events)
-                        results[scenario.key][mode] = outcome
+                        result = results[scenario.key][mode] = await _run_one(scenario, mode, live, rec, events)
                         out(
-                            f"    {mode:<8} {outcome.work_after:>3} {scenario.unit} after the client left, "
-                            f"cleanup after {_ms(outcome.cleanup_ms)}"
+                            f"    {mode:<8} {result.work_after:>3} {scenario.unit} after the client left, "
+                            f"the handler returned after {_ms(result.returned_after_ms)}"
                         )
                 for mode in ("bare", "cancel"):
                     out(f"  retry storm, {mode} ({timing.storm_seconds:g} s)...")
-                    storm[mode] = await _storm(port, mode, timing, rec)
+                    storm[mode] = await _storm(live.port, mode, timing, rec)
                     out(f"    {storm[mode].useful_per_second:.1f} useful responses/s")
-            if collector.tracebacks:
-                out("the server logged: " + "; ".join(collector.tracebacks[:3]))
+                tracebacks = [line.message for line in live.server_log if line.traceback is not None]
+        if tracebacks:
+            out("the server logged: " + "; ".join(tracebacks[:3]))
     if tables:
         out("")
         out(report(results, scenarios, storm, timing))
