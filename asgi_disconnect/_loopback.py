@@ -181,7 +181,6 @@ class _Running:
         serve: Callable[[], Awaitable[None]],
         started: Callable[[], bool],
         stop: Callable[[], None],
-        refused: Callable[[], Exception | None] = lambda: None,
         lifespan: _LifespanTask | None = None,
     ) -> None:
         self.name = name
@@ -189,7 +188,6 @@ class _Running:
         self.serve = serve
         self.started = started
         self.stop = stop
-        self.refused = refused  # what made a server that goes on running unfit to start
         self.ended = False
         self.error: BaseException | None = None
 
@@ -209,8 +207,8 @@ class _Running:
             for _ in range(int(within * 100) + 1):
                 if self.started():
                     return None
-                refused = self.refused()
-                if refused is not None:
+                refused = None if self.lifespan is None else self.lifespan.error
+                if refused is not None:  # the server would go on running: it is unfit all the same
                     failure = ServerStartError(
                         f"{self.name} did not start: the app raised {refused!r} in its lifespan startup"
                     )
@@ -292,7 +290,7 @@ def _hypercorn(app: ASGIApp, sock: socket.socket, lifespan: Lifespan, stop_timeo
         finally:
             _close_duplicate(fd, sock)
 
-    return _Running("hypercorn", run, lambda: startup.over, stopping.set, lambda: startup.error, startup)
+    return _Running("hypercorn", run, lambda: startup.over, stopping.set, startup)
 
 
 class _LifespanTask:
@@ -305,6 +303,8 @@ class _LifespanTask:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        #: What the app raised in a lifespan startup that had to succeed (see _LifespanStartup).
+        self.error: Exception | None = None
         self._scope = anyio.CancelScope()
         self._running = False
         self._ended = anyio.Event()
@@ -347,7 +347,6 @@ class _LifespanStartup(_LifespanTask):
         super().__init__(app)
         self.lifespan = lifespan
         self.over = False
-        self.error: Exception | None = None  # what the app raised in a startup that had to succeed
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.lifespan == "off":
@@ -584,12 +583,18 @@ def read_response(sock: socket.socket, *, limit: int = MAX_READ, timeout: float 
 
 
 def _response_head(reader: _Reader) -> tuple[int, dict[str, str]]:
-    head = reader.until(b"\r\n\r\n", "the response head").decode("latin-1")
-    status_line, *header_lines = head.split("\r\n")
-    version, _, rest = status_line.partition(" ")
-    if not version.startswith("HTTP/") or not rest[:3].isdigit():
-        raise ValueError(f"not an HTTP response: {head[:200]!r}")
-    headers = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in header_lines)}
+    status, headers = parse_head(reader.until(b"\r\n\r\n", "the response head"))
+    return status, {name.decode("latin-1"): value.decode("latin-1") for name, value in headers}
+
+
+def parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """A response head (without its final empty line): the status, and the headers in
+    order, names in lower case."""
+    status_line, *lines = head.split(b"\r\n")
+    version, _, rest = status_line.partition(b" ")
+    if not version.startswith(b"HTTP/") or not rest[:3].isdigit():
+        raise ValueError(f"not an HTTP response: {head[:200].decode('latin-1')!r}")
+    headers = [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(b":") for line in lines)]
     return int(rest[:3]), headers
 
 

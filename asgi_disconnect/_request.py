@@ -28,10 +28,10 @@ from ._types import Message, Receive, Scope, Send
 if TYPE_CHECKING:
     from ._stream import GuardedStream
 
-logger = structlog.get_logger("asgi_disconnect")
 #: Every event carries it, as structlog's add_logger_name would add it: whatever the app's
 #: structlog configuration, our events can be told from others (the pytest plugin's capture).
 LOGGER_NAME = "asgi_disconnect"
+logger = structlog.get_logger(LOGGER_NAME)
 
 # The stages of a request (``Request._stage``), in order. ABORTED is reached from OPEN or
 # RESPONDING, or from COMPLETE when the server refused the final message; FINISHED from

@@ -32,7 +32,7 @@ import math
 import socket
 import time
 import traceback
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -311,8 +311,7 @@ class _FakeServer(_Seen):
     def __init__(self, departure: Departure, body: bytes, drop: bool) -> None:
         self.departure = departure
         self.drop = drop
-        # the client
-        self.left_at: float | None = None
+        # the client (when it left: outcome.left_at)
         self._gone = anyio.Event()
         # the request body
         self._incoming = self._split(body)
@@ -332,12 +331,12 @@ class _FakeServer(_Seen):
 
     @property
     def gone(self) -> bool:
-        return self.left_at is not None
+        return self.outcome.left
 
     def leave(self) -> None:
         """The client closes the connection (once; never after the whole response)."""
         if not self.gone and not self.outcome.complete:
-            self.left_at = time.monotonic()
+            self.outcome.left_at = time.monotonic()
             self.outcome.left = True
             self._gone.set()
 
@@ -542,9 +541,8 @@ async def simulate(
     if not_awaitable:
         raise TypeError(f"{app!r} returned {not_awaitable[0]!r}, not an awaitable: it is not an ASGI 3 app")
     outcome.state = server.state if server.state is not None else scope.get(SCOPE_KEY)
-    outcome.left_at = server.left_at
-    if not outcome.timed_out and server.left_at is not None and returned_at is not None:
-        outcome.app_returned_after_ms = max(0.0, (returned_at - server.left_at) * 1000)
+    if not outcome.timed_out and outcome.left_at is not None and returned_at is not None:
+        outcome.app_returned_after_ms = max(0.0, (returned_at - outcome.left_at) * 1000)
     return outcome
 
 
@@ -743,11 +741,10 @@ class Live:
         outcome.server_log = [line for line in self._log.lines[mark:] if line.at <= ended]
         outcome.state = watch.state
         outcome.exception = watch.exception
-        outcome.left_at = client.left_at
         if watch.started.is_set() and not outcome.timed_out:
             outcome.duration_ms = (watch.returned_at - watch.started_at) * 1000
-            if client.left_at is not None:
-                outcome.app_returned_after_ms = max(0.0, (watch.returned_at - client.left_at) * 1000)
+            if outcome.left_at is not None:
+                outcome.app_returned_after_ms = max(0.0, (watch.returned_at - outcome.left_at) * 1000)
         return outcome
 
 
@@ -797,7 +794,6 @@ class _Client:
         self.eof = False
         self.received = 0
         self.closed = False
-        self.left_at: float | None = None
         self._pending = bytearray()  # body bytes not yet a whole chunk
         self._chunk = 0  # index in watch.sizes of the chunk being received
         self._done = False  # the body has ended as its framing says
@@ -826,7 +822,7 @@ class _Client:
         await self.watch.started.wait()
         await anyio.sleep(max(0.0, self.watch.started_at + self.outcome.departure.after - time.monotonic()))
 
-    async def _race(self, departure_point: Any) -> None:
+    async def _race(self, departure_point: Callable[[], Awaitable[None]]) -> None:
         """Read the response until ``departure_point()`` returns, then leave (unless the
         response was complete first, or the server closed the connection)."""
         reached = False
@@ -849,7 +845,7 @@ class _Client:
 
     def leave(self) -> None:
         """Close the socket at the departure point, with a FIN or an RST."""
-        self.left_at = time.monotonic()
+        self.outcome.left_at = time.monotonic()
         self.outcome.left = True
         self.closed = True
         with contextlib.suppress(OSError):
@@ -872,7 +868,7 @@ class _Client:
             head = await self._until(b"\r\n\r\n")
             if head is None:
                 return False
-            status, headers = _parse_head(head)
+            status, headers = _loopback.parse_head(head)
             if not 100 <= status < 200 or status == 101:
                 break
         outcome.status, outcome.headers = status, headers
@@ -1010,15 +1006,6 @@ class _Client:
 async def _nothing() -> AsyncGenerator[bytes]:
     return
     yield b""  # pragma: no cover - makes this an async generator
-
-
-def _parse_head(head: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
-    status_line, *lines = head.split(b"\r\n")
-    version, _, rest = status_line.partition(b" ")
-    if not version.startswith(b"HTTP/") or not rest[:3].isdigit():
-        raise ValueError(f"not an HTTP response: {head[:200]!r}")
-    headers = [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(b":") for line in lines)]
-    return int(rest[:3]), headers
 
 
 @contextlib.asynccontextmanager
