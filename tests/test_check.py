@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from asgi_disconnect._tools.check import LEAVE_AFTER
+from asgi_disconnect._tools.check import LEAVE_AFTER, _ends_response
 from tests.check_apps import SLOW_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,3 +238,20 @@ def test_a_bad_command_line_gives_exit_status_2(args: list[str]) -> None:
     done = check(*args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "usage: asgi-disconnect check" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("message", "trailers", "last"),
+    [
+        ({"type": "http.response.body", "body": b"x", "more_body": True}, False, False),
+        ({"type": "http.response.body", "body": b"x"}, False, True),
+        ({"type": "http.response.body", "body": b"x"}, True, False),
+        ({"type": "http.response.trailers", "headers": [], "more_trailers": False}, True, True),
+        ({"type": "http.response.zerocopysend", "file": 3, "more_body": True}, False, False),
+        ({"type": "http.response.zerocopysend", "file": 3}, False, True),
+        ({"type": "http.response.pathsend", "path": "/etc/hosts"}, False, True),
+    ],
+)
+def test_the_probe_knows_the_last_message_of_a_response(message: dict[str, Any], trailers: bool, last: bool) -> None:
+    """What ends a response, for "answered first": each final message of the ASGI HTTP spec, and no other."""
+    assert _ends_response(message, trailers) is last

@@ -229,7 +229,7 @@ class _Probe:
 def _ends_response(message: Message, trailers: bool) -> bool:
     """Whether ``message`` is the last of the response (trailers, when announced, come last)."""
     kind = message["type"]
-    if kind in ("http.response.body", "http.response.zerocopy"):
+    if kind in ("http.response.body", "http.response.zerocopysend"):
         return not trailers and not message.get("more_body", False)
     if kind == "http.response.trailers":
         return not message.get("more_trailers", False)
