@@ -131,7 +131,7 @@ class FastRequest(Request):
             self._canceller.start()
 
     def _cancelled(self) -> None:
-        self.cancelled = True
+        self._mark_cancelled()
 
     def _cancellation(self) -> str | None:
         canceller = self._canceller
@@ -147,6 +147,12 @@ class FastRequest(Request):
             self._besides = []
         self._besides.append(task)  # stopped with the request, whatever became of its stream
         return task
+
+    def _awaiting(self) -> Any:
+        # The task's own coroutine: the server's, which awaits the middleware, which
+        # awaits the app (_resume delegates to it with yield from).
+        task = self._task
+        return task.get_coro() if task is not None else None
 
     def _interruption(self) -> Interruption:
         loop = asyncio._get_running_loop()

@@ -10,6 +10,7 @@ lifecycle table and the reasons behind each choice are in docs/design.md.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -19,19 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
-import structlog
 
+from ._events import emit
 from ._exceptions import ClientDisconnected, caused_by_departure, code_of
-from ._state import Cancellable, DisconnectState, Phase
+from ._state import Cancellable, Detection, DisconnectState, Phase
 from ._types import Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from ._stream import GuardedStream
-
-#: Every event carries it, as structlog's add_logger_name would add it: whatever the app's
-#: structlog configuration, our events can be told from others (the pytest plugin's capture).
-LOGGER_NAME = "asgi_disconnect"
-logger = structlog.get_logger(LOGGER_NAME)
 
 # The stages of a request (``Request._stage``), in order. ABORTED is reached from OPEN or
 # RESPONDING, or from COMPLETE when the server refused the final message; FINISHED from
@@ -43,6 +39,8 @@ ABORTED = 3  # the client left before the response was complete (``disconnected`
 FINISHED = 4  # the app returned: nothing is watched, cancelled or sent any more
 
 DISCONNECT: Message = {"type": "http.disconnect"}
+#: How deep the chain of awaits from the app to the server's send is searched.
+_AWAIT_DEPTH = 64
 #: Methods whose requests carry no body by convention (RFC 9110, 9.3).
 _BODILESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 #: How long after an app read its whole body itself a cancellation waits for it to listen
@@ -60,6 +58,7 @@ class Options:
     cancel_exclude: tuple[str, ...]
     cancel_warn_after: float
     send_timeout: float | None
+    log_completed: bool = False  # the figures of a completed request are kept for its event
 
 
 async def released_receive() -> Message:
@@ -94,6 +93,7 @@ class Channel:
         self.body_read_at: float | None = None  # when it received the end of its body
         # What the server did.
         self.body_complete = False  # the last http.request came
+        self.received = 0  # request body bytes the server delivered
         self.ended = False  # http.disconnect came: a normal close or an abort
         self._error: Exception | None = None  # the watcher's receive() failed: the app's to get
         # The reads.
@@ -165,6 +165,7 @@ class Channel:
             self._notify()
         kind = message["type"]
         if kind == "http.request":
+            self.received += len(message.get("body", b""))
             if not message.get("more_body", False):
                 self.body_complete = True
         elif kind == "http.disconnect":
@@ -223,7 +224,17 @@ class Request(DisconnectState):
 
     # What every request writes: slots. The rest are class-level defaults that only a
     # request that needs them overrides (docs/design.md, "The plain path").
-    __slots__ = ("_options", "_receive", "_scope", "_send", "_stage", "_start", "bytes_sent", "cancel", "started_at")
+    __slots__ = (
+        "_options",
+        "_receive",
+        "_scope",
+        "_send",
+        "_stage",
+        "_start",
+        "bytes_sent",
+        "cancel",
+        "started_at",
+    )
     _options: Options
     _scope: Mapping[str, Any]
     _receive: Receive
@@ -234,6 +245,10 @@ class Request(DisconnectState):
     _channel: Channel | None = None
     # The response.
     _trailers = False  # http.response.start announced trailers
+    _chunks = 0  # body messages before the final one that the server accepted
+    _more_sent = False  # a message that is neither a start nor a body went after the start
+    _status: int | None = None  # the figures settle() keeps for the record
+    _received = 0
     _refused: OSError | None = None  # the server's error from a send it refused (ASGI 2.4)
     _streams: list[GuardedStream[Any]] | None = None  # guard_stream bodies to close if abandoned
     # The way the request runs: what is watching and what will cancel it.
@@ -244,6 +259,7 @@ class Request(DisconnectState):
     _helpers: list[anyio.CancelScope] | None = None
     _running = 0  # helpers not yet ended
     _idle: anyio.Event | None = None  # set when the last helper ends
+    _app_coro: Any = None  # the app's awaitable while _run awaits it (see _start_in_flight)
 
     def __init__(self, options: Options, scope: Scope, receive: Receive, send: Send) -> None:
         # Not DisconnectState.__init__: this runs once per request, every write counts.
@@ -286,6 +302,7 @@ class Request(DisconnectState):
         if kind == "http.response.body":
             self.bytes_sent += len(message.get("body", b""))
             if message.get("more_body", False) or self._trailers:
+                self._chunks += 1
                 return self._send(message)
         elif kind == "http.response.start":
             self._stage = RESPONDING
@@ -298,6 +315,8 @@ class Request(DisconnectState):
             or (kind == "http.response.trailers" and not message.get("more_trailers", False))
             or (kind == "http.response.zerocopysend" and not message.get("more_body", False))
         ):
+            if self._start is not None:
+                self._more_sent = True  # trailers, zerocopysend, a type of its own: the start went
             return self._send(message)
         # The final message. Complete before the server's send returns: a server that sees
         # the client close while flushing the last bytes must not turn it into an abort.
@@ -332,7 +351,7 @@ class Request(DisconnectState):
                 # Only the server's send() can have raised: the client is gone, and the
                 # message was not delivered, even if the app goes on.
                 self._refused = exc
-                self._client_left(self._undo(message), refused=True)
+                self._client_left(self._undo(message), "send_failed")
             raise
 
     def app_send_timed(self, message: Message) -> Awaitable[None]:
@@ -349,12 +368,20 @@ class Request(DisconnectState):
             # the message it did not take was not delivered.
             if counted:
                 self._undo(message)
-            self._client_left("stalled", refused=True)
+            self._client_left("stalled", "send_stalled")
             raise ClientDisconnected(f"client stalled: one send blocked more than {timeout} s")
 
     def _undo(self, message: Message | None) -> Phase:
-        """The server did not take ``message`` (None: unknown); return the phase it leaves."""
-        if message is not None:
+        """The server did not take ``message`` (None: unknown); return the phase it leaves.
+
+        Unknown, a refusal right after the start, before any body, is taken for one of the
+        start (a server that raises without saying so: it cannot have taken the start and
+        refused nothing after it). Otherwise the figures may count the message it refused.
+        """
+        if message is None:
+            if self._stage == RESPONDING and not self.bytes_sent and not self._chunks:
+                self._start = None
+        else:
             kind = message["type"]
             if kind == "http.response.start":
                 self._start = None
@@ -362,11 +389,42 @@ class Request(DisconnectState):
                     self.phase = "before_response"
             elif kind == "http.response.body":
                 self.bytes_sent -= len(message.get("body", b""))
+                if message.get("more_body", False) or self._trailers:
+                    self._chunks -= 1
         return self._phase_now()
 
     def _phase_now(self) -> Phase:
-        """Where a departure now stands: did the server take the response's start?"""
-        return "mid_body" if self._start is not None else "before_response"
+        """Where a departure now stands: did the server take the response's start?
+
+        Not while the server's send of it is still under way (a client that stopped
+        reading blocks it): the client has had no response.
+        """
+        if self._start is None or self._start_in_flight():
+            return "before_response"
+        return "mid_body"
+
+    def _start_in_flight(self) -> bool:
+        """Is the app waiting in the server's send of the start, now, with nothing sent after?
+
+        Read from the chain of awaits of what runs the app, only when a departure is
+        recorded: nothing on the way of a request (docs/design.md). A send that is not a
+        coroutine (none of the servers') counts as taken once called.
+        """
+        if self.bytes_sent or self._chunks or self._more_sent:
+            return False  # a message went after the start: the server had taken it
+        code = code_of(self._send)
+        awaited = self._awaiting()
+        for _ in range(_AWAIT_DEPTH):
+            if awaited is None or code is None:
+                return False
+            if getattr(awaited, "cr_code", None) is code:
+                return True
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        return False
+
+    def _awaiting(self) -> Any:
+        """The outermost coroutine of the app's await chain while it runs (None: unknown)."""
+        return self._app_coro
 
     def _departure_error(self) -> ClientDisconnected:
         return ClientDisconnected(f"client disconnected ({self.phase}); the response was not delivered")
@@ -398,23 +456,28 @@ class Request(DisconnectState):
         try:
             await self._send({"type": "http.response.body", "body": frame, "more_body": True})
         except OSError:
-            self._client_left()
+            self._client_left(None, "send_failed")
             return False
         self.bytes_sent += len(frame)
+        self._chunks += 1
         return True
 
     # -- the departure --------------------------------------------------------------------
 
-    def _record_departure(self, phase: Phase | None = None, *, refused: bool = False) -> bool:
-        """Record that the client left before the response was complete; True if it is news."""
+    def _record_departure(self, phase: Phase | None = None, detected_by: Detection = "http.disconnect") -> bool:
+        """Record that the client left before the response was complete; True if it is news.
+
+        A server's refusal (any ``detected_by`` but its ``http.disconnect``) of the final
+        message counts too: that message was not delivered.
+        """
         stage = self._stage
-        if stage >= ABORTED or (stage == COMPLETE and not refused):
+        if stage >= ABORTED or (stage == COMPLETE and detected_by == "http.disconnect"):
             return False  # recorded already, after the whole response, or after the app
         self._stage = ABORTED
-        self._record(phase or self._phase_now(), time.monotonic())
+        self._record(phase or self._phase_now(), time.monotonic(), detected_by)
         return True
 
-    def _client_left(self, phase: Phase | None = None, *, refused: bool = False) -> None:
+    def _client_left(self, phase: Phase | None = None, detected_by: Detection = "http.disconnect") -> None:
         """The client is gone while the app runs: record it, and cancel if the policy says so.
 
         Never a cancellation once the app has sent its final message, even one the server
@@ -422,7 +485,7 @@ class Request(DisconnectState):
         never disturbed.
         """
         complete = self._stage == COMPLETE
-        if self._record_departure(phase, refused=refused) and self.cancel and not complete:
+        if self._record_departure(phase, detected_by) and self.cancel and not complete:
             self._cancel_soon(self._cancel_delay())  # the policy as it stands now
 
     def _cancel_delay(self) -> float:
@@ -449,17 +512,16 @@ class Request(DisconnectState):
     def _warn_stuck(self) -> None:
         # Not for an app that has since begun to listen itself: the cancellation stood down.
         if self._should_cancel():
-            logger.warning(
-                "handler still running after cancellation",
-                logger=LOGGER_NAME,
-                method=self._scope.get("method"),
-                path=self._scope.get("path"),
-                seconds=self._options.cancel_warn_after,
-                hint=(
+            fields = {
+                "method": self._scope.get("method"),
+                "path": self._scope.get("path"),
+                "seconds": self._options.cancel_warn_after,
+                "hint": (
                     "it swallows cancellation (catches CancelledError or BaseException), "
                     "runs blocking or CPU-bound code in the event loop, or waits for a thread"
                 ),
-            )
+            }
+            emit(logging.WARNING, "handler_still_running", fields)
 
     # -- the end --------------------------------------------------------------------------
 
@@ -471,7 +533,7 @@ class Request(DisconnectState):
             # (ASGI 2.4) told the app, not us.
             if not caused_by_departure(exc, server, ours_cancelled=False, server_only=True):
                 return False
-            self._record_departure(self._undo(None), refused=True)  # one that said it never raises
+            self._record_departure(self._undo(None), "send_failed")  # one that said it never raises
             return True
         if exc is self._refused:
             return True  # the server's own error, seen leaving its send() (any kind of callable)
@@ -483,8 +545,12 @@ class Request(DisconnectState):
     def finish(self) -> bool:
         """The app returned: stop what runs beside it and let go of the request.
 
-        True if the request needs ``after()``: a stream to close or a departure to report.
+        True if the request needs ``after()``: a stream to close or a departure to report
+        (or, with ``log_completed``, a completion).
         """
+        needed = self.disconnected or self._streams is not None or self._options.log_completed
+        if needed:
+            self._settle()
         self._stage = FINISHED
         if self._task is not None:
             self._stop()
@@ -496,7 +562,17 @@ class Request(DisconnectState):
             self._refused = None  # its traceback holds the server's frames
         if self._channel is not None:
             self._channel = None
-        return self.disconnected or self._streams is not None
+        return needed
+
+    def _settle(self) -> None:
+        """Keep the figures of the record from what ``finish()`` lets go of."""
+        start = self._start
+        # Not the status of a start the client never had (its send was under way when it left).
+        self._status = start.get("status") if start is not None and self.phase != "before_response" else None
+        channel = self._channel
+        self._received = channel.received if channel is not None else 0
+        if self._stage == COMPLETE and not self._trailers:
+            self._chunks += 1  # the final body message (or a pathsend), not counted when sent
 
     def _stop(self) -> None:
         """Stop what runs beside the app in its task (the fast path; never called here)."""
@@ -516,6 +592,7 @@ class Request(DisconnectState):
             try:
                 with anyio.CancelScope() as scope:
                     self._app_scope = scope
+                    self._app_coro = awaitable
                     await awaitable
             except BaseException as exc:
                 error = exc  # raised again outside the task group: never wrapped in a group
@@ -527,7 +604,7 @@ class Request(DisconnectState):
                 with anyio.CancelScope(shield=True):
                     await self._join_helpers()
                 self._helpers = None
-                self._watcher = self._app_scope = None
+                self._watcher = self._app_scope = self._app_coro = None
         if error is not None:
             try:
                 raise error
@@ -541,7 +618,7 @@ class Request(DisconnectState):
     async def _cancel_after(self, delay: float) -> None:
         await anyio.sleep(delay)
         if self._should_cancel() and self._app_scope is not None:
-            self.cancelled = True
+            self._mark_cancelled()
             self._app_scope.cancel()
             await anyio.sleep(self._options.cancel_warn_after)
             self._warn_stuck()
@@ -577,7 +654,7 @@ class Request(DisconnectState):
                     await func(*args)
             except Exception:
                 # Ours, not the app's: logged, never raised into the task group in its place.
-                logger.exception("asgi-disconnect helper failed", logger=LOGGER_NAME, method=method)
+                emit(logging.ERROR, "helper_failed", {"method": method}, exc_info=True)
             finally:
                 self._running -= 1
                 if not self._running and self._idle is not None:

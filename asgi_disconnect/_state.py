@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
 
 import anyio
+
+from ._events import emit
 
 #: The scope key that holds the request's ``DisconnectState``.
 SCOPE_KEY = "asgi_disconnect"
@@ -13,6 +17,10 @@ SCOPE_KEY = "asgi_disconnect"
 #: Where a disconnect happened: before the app started its response, mid-body, or a
 #: client that stopped reading ("stalled": one send blocked longer than ``send_timeout``).
 Phase = Literal["before_response", "mid_body", "stalled"]
+
+#: How the middleware learnt of the departure: the server's ``http.disconnect``, a send the
+#: server refused (an ``OSError``, ASGI 2.4), or a send blocked past ``send_timeout``.
+Detection = Literal["http.disconnect", "send_failed", "send_stalled"]
 
 _INSTALL_HINT = (
     "install DisconnectMiddleware in front of your app: `app = DisconnectMiddleware(app)`, "
@@ -44,6 +52,54 @@ class Interruption(Protocol):
     def __exit__(self, *exc_info: Any) -> bool | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What one request amounted to: the fields of its log event, for hooks and exporters.
+
+    Built once the handler has returned, for every aborted request (``state.record``) and,
+    with ``log_completed=True``, for completed ones too (whose departure fields are None).
+    Nothing from the bodies, no header but the request id, no query string; the client's
+    address only with ``log_client=True``.
+    """
+
+    #: The request method, as the client sent it.
+    method: str
+    #: The request path, without the query string.
+    path: str
+    #: The route template the framework matched (``"/items/{item_id}"``), None when none did.
+    route: str | None
+    #: Where the client left (None: it did not).
+    phase: Phase | None
+    #: How the departure was noticed (None: it was not one).
+    detected_by: Detection | None
+    #: The response status, if the server took ``http.response.start``.
+    status: int | None
+    #: Response body bytes, and ``http.response.body`` messages, the server accepted.
+    bytes_sent: int
+    chunks_sent: int
+    #: Request body bytes the server delivered.
+    bytes_received: int
+    #: Milliseconds from the request's arrival to the detection of the departure.
+    detected_after_ms: float | None
+    #: Milliseconds from the detection to the handler's return (its cleanup).
+    cleanup_ms: float | None
+    #: Milliseconds from the request's arrival to the handler's return.
+    duration_ms: float
+    #: Whether the middleware cancelled the handler.
+    cancelled: bool
+    #: The request id, from the configured header or structlog's context (``request_id``).
+    request_id: str | None
+    #: ``"host:port"`` of the client, only with ``log_client=True``.
+    client: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as the log event carries them (``client`` only when recorded)."""
+        fields = asdict(self)
+        if fields["client"] is None:
+            del fields["client"]
+        return fields
+
+
 class DisconnectState:
     """Disconnect state of one HTTP request, shared through ``scope[SCOPE_KEY]``.
 
@@ -65,8 +121,16 @@ class DisconnectState:
     cancel: bool = False
     #: True once the middleware cancelled the handler.
     cancelled: bool = False
+    #: How the departure was noticed, once ``disconnected`` is true.
+    detected_by: Detection | None = None
+    #: The route template for the record, where the framework records none (Django):
+    #: an app may set it; otherwise it is read from the scope when the request ends.
+    route: str | None = None
+    #: What the request amounted to, once it ended aborted (before the hooks run).
+    record: RequestRecord | None = None
     _event: anyio.Event | None = None  # made by the first wait(): most requests never wait
     _callbacks: list[Callable[[], None]] | None = None  # see _on_departure()
+    _cancel_callbacks: list[Callable[[], None]] | None = None  # see _on_cancel()
 
     def __init__(self, started_at: float, cancel: bool = False) -> None:
         #: ``time.monotonic()`` when the middleware received the request.
@@ -81,9 +145,10 @@ class DisconnectState:
             self._event = anyio.Event()
         await self._event.wait()
 
-    def _record(self, phase: Phase, now: float) -> None:
+    def _record(self, phase: Phase, now: float, detected_by: Detection = "http.disconnect") -> None:
         self.disconnected = True
         self.phase = phase
+        self.detected_by = detected_by
         self.detected_at = now
         if self._event is not None:
             self._event.set()
@@ -102,6 +167,24 @@ class DisconnectState:
     def _forget(self, callback: Callable[[], None]) -> None:
         if self._callbacks is not None and callback in self._callbacks:
             self._callbacks.remove(callback)
+
+    def _on_cancel(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when the middleware cancels the handler, before it lands."""
+        if self._cancel_callbacks is None:
+            self._cancel_callbacks = []
+        self._cancel_callbacks.append(callback)
+
+    def _mark_cancelled(self) -> None:
+        if self.cancelled:
+            return  # the fast path repeats its cancel at every await: the news is told once
+        self.cancelled = True
+        if self._cancel_callbacks is not None:
+            for callback in self._cancel_callbacks:
+                try:
+                    callback()
+                except Exception:
+                    # Told from inside the cancellation: it must be delivered all the same.
+                    emit(logging.ERROR, "cancel_callback_failed", {"callback": repr(callback)}, exc_info=True)
 
     def _adopt(self, stream: Any) -> None:
         """The request closes ``stream`` (its ``aclose()``) if the app abandons it."""

@@ -7,7 +7,7 @@ it wherever the package is installed::
     async def test_stream_stops(disconnect_runner: Runner, disconnect_events: CapturedEvents) -> None:
         outcome = await disconnect_runner.request(app, path="/stream", leave=leave.after_chunks(2))
         outcome.assert_aborted(phase="mid_body", within_ms=100)
-        assert [event["event"] for event in disconnect_events] == ["client disconnected"]
+        assert [event["event"] for event in disconnect_events] == ["request_aborted"]
 
 - ``disconnect_runner`` runs the test once in process (``simulate``), once on uvicorn and
   once on hypercorn (``serve``). A server that is not installed is skipped, saying why, and
@@ -34,8 +34,8 @@ import structlog.testing
 from structlog.typing import EventDict
 
 from . import _loopback
+from ._events import LOGGER_NAME
 from ._loopback import ServerName
-from ._request import LOGGER_NAME
 from ._types import ASGIApp, Receive, Scope, Send
 from .testing import Departure, Live, Outcome, leave, serve, simulate
 

@@ -71,6 +71,31 @@ def test_each_abort_is_logged_once_and_nothing_prints_a_traceback(demo: dict[str
             assert outcome["tracebacks"] == 0, (key, mode)
 
 
+def test_the_scraped_metrics_count_every_abort_by_route_phase_and_cancellation(demo: dict[str, Any]) -> None:
+    """The Prometheus text the demo ends with: one sample per scenario and wrapped mode, and the
+    storm's aborts in cancel mode; the bare app counts nothing."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counted = {
+        (family.name.split("_")[0], sample.labels["route"], sample.labels["phase"], sample.labels["cancelled"]): (
+            sample.value
+        )
+        for family in text_string_to_metric_families(demo["metrics"])
+        for sample in family.samples
+    }
+    expected = {}
+    for mode in ("observe", "cancel"):
+        expected[(mode, "/tokens", "mid_body", str(mode == "cancel").lower())] = 1.0
+        expected[(mode, "/sse", "mid_body", "false")] = 1.0  # Starlette's stream stops itself: never cancelled
+        expected[(mode, "/order", "before_response", str(mode == "cancel").lower())] = 1.0
+        expected[(mode, "/slow", "before_response", str(mode == "cancel").lower())] = 1.0
+    # Every storm client that gave up left before its response; one whose response was on its
+    # way as it gave up may have had it (never more aborts than timeouts).
+    storm = counted.pop(("cancel", "/storm", "before_response", "true"))
+    assert 0 < storm <= demo["storm"]["cancel"]["timed_out"]
+    assert counted == expected
+
+
 def test_cancel_mode_frees_the_slots_of_a_retry_storm(demo: dict[str, Any]) -> None:
     bare, cancel = demo["storm"]["bare"], demo["storm"]["cancel"]
     assert bare["abandoned_slots_mean"] > 5  # gone clients' handlers hold the concurrency limit
@@ -89,6 +114,9 @@ def test_the_text_report_is_what_a_newcomer_sees() -> None:
     for title in ("LLM token stream", "SSE feed", "DB transaction", "slow handler", "Retry storm"):
         assert title in out
     assert "useful responses per second" in out
+    assert (
+        'cancel_http_requests_aborted_total{cancelled="true",method="GET",phase="mid_body",route="/tokens"} 1.0' in out
+    )
     assert "finished in" in out
     assert done.stderr == ""  # no server traceback, no structlog line leaked to the terminal
 

@@ -461,7 +461,7 @@ async def test_wrapped_probe_detects_without_receive(capsys: pytest.CaptureFixtu
     assert record["disconnect_at"] is not None
     assert record["send_error"] == CLIENT_DISCONNECTED
     assert [m.get("body") for m in sent] == [None, doctor.FIRST_CHUNK]  # nothing after the disconnect
-    assert "client disconnected" in capsys.readouterr().out  # the middleware's one log event
+    assert "request_aborted" in capsys.readouterr().out  # the middleware's one log event
 
 
 @pytest.mark.anyio

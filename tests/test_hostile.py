@@ -40,6 +40,7 @@ WRAPPED: tuple[Wrapped, ...] = ("observe", "cancel")
 # The server's own logger, and asyncio's: a connection task that dies is logged there.
 LOGGERS = {"uvicorn-h11": "uvicorn.error", "uvicorn-httptools": "uvicorn.error", "hypercorn": "hypercorn.error"}
 READ_TIMEOUT = 5.0
+UPLOAD_READ_TIMEOUT = 20.0
 POLL = 0.01
 PROBE = request_bytes("GET", "/probe", {"x-mode": "probe"})
 
@@ -119,10 +120,10 @@ def recv(sock: socket.socket, deadline: float) -> bytes | None:
         return b""
 
 
-def read_first_response(sock: socket.socket, done: anyio.Event) -> tuple[bytes, bool]:
+def read_first_response(sock: socket.socket, done: anyio.Event, timeout: float = READ_TIMEOUT) -> tuple[bytes, bool]:
     """Read until the app has returned and the response is complete, or the server closed; and whether it did."""
     data = bytearray()
-    deadline = time.monotonic() + READ_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and len(data) < 1 << 26:
         chunk = recv(sock, deadline)
         if chunk == b"":
@@ -131,7 +132,7 @@ def read_first_response(sock: socket.socket, done: anyio.Event) -> tuple[bytes, 
         # A big body is parsed only once the socket is idle: parsing is linear in its size.
         if (chunk is None or len(data) < 1 << 20) and anyio.from_thread.run_sync(done.is_set) and parse(data)[3]:
             return bytes(data), False
-    raise AssertionError(f"no complete response nor close in {READ_TIMEOUT} s after {len(data)} bytes: {data[:300]!r}")
+    raise AssertionError(f"no complete response nor close in {timeout} s after {len(data)} bytes: {data[:300]!r}")
 
 
 def probe_closed(sock: socket.socket) -> bool:
@@ -460,7 +461,9 @@ def uploader(port: int, served: Served) -> Received:
             sock.sendall(b"0\r\n\r\n")
         except TimeoutError:
             pass  # the server stopped reading: its buffers and the sockets' are full
-        data, eof = read_first_response(sock, served.done)
+        # The server parses 100,000 chunks of each of two uploads in the test's own loop:
+        # seconds on a busy machine, so a bound of its own.
+        data, eof = read_first_response(sock, served.done, UPLOAD_READ_TIMEOUT)
         return received(data, eof, sock)
 
 
@@ -482,7 +485,7 @@ async def test_unread_upload_of_one_byte_chunks_stays_bounded(uvicorn: Live, mod
     async def upload(name: str) -> None:
         got[name] = await anyio.to_thread.run_sync(uploader, uvicorn.port, uvicorn.variants[name])
 
-    with anyio.fail_after(READ_TIMEOUT + 5):
+    with anyio.fail_after(UPLOAD_READ_TIMEOUT + 5):
         async with anyio.create_task_group() as tg:  # side by side: the app sleeps 1 s in each
             for name in uvicorn.variants:
                 tg.start_soon(upload, name)

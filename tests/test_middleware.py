@@ -363,13 +363,13 @@ async def test_send_after_disconnect_raises_and_is_absorbed_and_logged_once() ->
     assert peer.sent == []
     assert len(logs) == 1
     event = logs[0]
-    assert event["event"] == "client disconnected"
+    assert event["event"] == "request_aborted"
     assert event["log_level"] == "info"
     assert event["logger"] == "asgi_disconnect"
     assert event["method"] == "GET" and event["path"] == "/slow"
     assert event["phase"] == "before_response"
     assert event["bytes_sent"] == 0 and event["cancelled"] is False
-    assert event["elapsed_ms"] >= 0
+    assert event["detected_after_ms"] >= 0
 
 
 async def test_mid_body_disconnect_records_phase_and_bytes() -> None:
@@ -436,7 +436,7 @@ async def test_starlette_wrapping_a_server_oserror_is_absorbed() -> None:
 
     with capture_logs() as logs:
         await DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
-    assert [e["event"] for e in logs] == ["client disconnected"]
+    assert [e["event"] for e in logs] == ["request_aborted"]
 
 
 async def test_an_oserror_that_did_not_come_from_send_propagates() -> None:
@@ -654,7 +654,7 @@ async def test_a_failing_hook_is_logged_not_raised() -> None:
         raise RuntimeError("hook bug")
 
     logs = await _abort_with_hook(hook)
-    assert [e["event"] for e in logs] == ["client disconnected", "on_disconnect hook failed"]
+    assert [e["event"] for e in logs] == ["request_aborted", "on_disconnect_hook_failed"]
     assert logs[1]["log_level"] == "error"
     assert logs[1]["exc_info"] is True
 

@@ -780,10 +780,10 @@ def check_exceptions(run: Run) -> None:
 
 def check_logging(run: Run) -> None:
     """Promise 8: each abort, whatever the app raised, is logged once; a normal request never."""
-    aborts = run.events.count("client disconnected")
+    aborts = run.events.count("request_aborted")
     wanted = 1 if run.final is not None and run.final.disconnected else 0
     if aborts != wanted:
-        raise _violation(LoggingViolation, run, f"{aborts} 'client disconnected' log events for {wanted} abort")
+        raise _violation(LoggingViolation, run, f"{aborts} 'request_aborted' log events for {wanted} abort")
 
 
 def check_receive(run: Run) -> None:

@@ -268,7 +268,7 @@ from conftest import app_processor
 async def test_events(disconnect_runner, disconnect_events):
     await disconnect_runner.request(app, path="/stream", leave=leave.after_chunks(2))
     [event] = disconnect_events
-    assert event["event"] == "client disconnected"
+    assert event["event"] == "request_aborted"
     assert (event["logger"], event["path"], event["phase"]) == ("asgi_disconnect", "/stream", "mid_body")
     assert disconnect_events == [event]
 
@@ -304,7 +304,7 @@ def test_captured_events_keep_only_the_asgi_disconnect_logger() -> None:
     entries: list[EventDict] = [{"event": "app", "logger": "app"}]
     events = CapturedEvents(entries)
     assert len(events) == 0
-    ours: EventDict = {"event": "client disconnected", "logger": "asgi_disconnect"}
+    ours: EventDict = {"event": "request_aborted", "logger": "asgi_disconnect"}
     entries += [ours, {"event": "no logger"}]
     assert (len(events), events[0], events[:], list(events)) == (1, ours, [ours], [ours])
     assert events == [ours] and events == CapturedEvents([ours])

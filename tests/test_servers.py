@@ -86,7 +86,7 @@ async def test_handler_that_never_receives_sees_disconnect_before_response(kind:
     outcome.assert_aborted(phase="before_response", within_ms=1000)
     assert [type(exc) for exc in send_errors] == [ClientDisconnected]
     assert [(log["event"], log["phase"], log["path"]) for log in logs] == [
-        ("client disconnected", "before_response", "/report")
+        ("request_aborted", "before_response", "/report")
     ]
 
 
@@ -325,7 +325,7 @@ def abort_requests(kind: ServerKind, target: str, how: Close, output: Path, even
 
         if events:
             deadline = time.monotonic() + 5
-            while read(output).count("client disconnected") < events:
+            while read(output).count("request_aborted") < events:
                 assert time.monotonic() < deadline, f"no {events} abort events: {read(output)}"
                 time.sleep(0.02)
         else:
@@ -336,12 +336,12 @@ def abort_requests(kind: ServerKind, target: str, how: Close, output: Path, even
 @pytest.mark.parametrize("how", CLOSES)
 @pytest.mark.parametrize("kind", SERVERS)
 def test_server_prints_no_traceback_for_aborts(kind: ServerKind, how: Close, tmp_path: Path) -> None:
-    """A server subprocess prints no traceback for aborted requests, only the "client disconnected" events."""
+    """A server subprocess prints no traceback for aborted requests, only the "request_aborted" events."""
     text = abort_requests(kind, "tests.apps:app", how, tmp_path / "server.log", events=2)
     assert "Traceback" not in text
     assert "Exception in ASGI application" not in text
     assert "socket.send() raised exception." not in text  # nothing writes to a dead socket
-    assert text.count("client disconnected") == 2
+    assert text.count("request_aborted") == 2
     assert "phase=mid_body" in text and "phase=before_response" in text
 
 
@@ -359,4 +359,4 @@ def test_hypercorn_without_middleware_prints_tracebacks(how: Close, tmp_path: Pa
     text = abort_requests("hypercorn", "tests.apps:bare_app", how, tmp_path / "server.log", events=0)
     assert "Traceback" in text
     assert "socket.send() raised exception." in text
-    assert "client disconnected" not in text
+    assert "request_aborted" not in text

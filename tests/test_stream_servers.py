@@ -208,9 +208,7 @@ async def test_aborted_stream_is_a_quiet_close_for_the_server(framework: Framewo
             outcome = await live.request(path="/stream", leave=leave.after_chunks(READ_TOKENS, how="rst"))
 
     outcome.assert_aborted(phase="mid_body")  # nothing escaped, no traceback in the server's log
-    assert [(log["event"], log["phase"], log["path"]) for log in logs] == [
-        ("client disconnected", "mid_body", "/stream")
-    ]
+    assert [(log["event"], log["phase"], log["path"]) for log in logs] == [("request_aborted", "mid_body", "/stream")]
 
 
 # -- heartbeats reach the client while the source is idle ----------------------------------------
@@ -304,4 +302,4 @@ async def test_client_that_stops_reading_is_treated_as_gone(kind: ServerKind) ->
     assert state.detected_at - state.started_at >= 0.5  # one send really blocked for send_timeout
     assert 0 < sent_chunks < MAX_FLOOD_CHUNKS
     assert probe.escaped == []
-    assert [(log["event"], log["phase"]) for log in logs] == [("client disconnected", "stalled")]
+    assert [(log["event"], log["phase"]) for log in logs] == [("request_aborted", "stalled")]

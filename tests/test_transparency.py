@@ -161,7 +161,7 @@ async def test_the_apps_own_os_error_propagates_after_the_client_left(error: OSE
 
     with capture_logs() as logs:
         assert await raised_by(app, peer, cancel=cancel) is error
-    assert [log["event"] for log in logs] == ["client disconnected"]  # the abort is still reported
+    assert [log["event"] for log in logs] == ["request_aborted"]  # the abort is still reported
 
 
 async def test_an_own_os_error_raised_while_handling_a_disconnect_propagates() -> None:
@@ -215,7 +215,7 @@ async def test_our_client_disconnected_and_starlettes_client_disconnect_are_abso
 
     with capture_logs() as logs:
         assert await raised_by(app, peer) is None
-    assert [log["event"] for log in logs] == ["client disconnected"]
+    assert [log["event"] for log in logs] == ["request_aborted"]
 
 
 async def test_a_server_os_error_from_send_is_absorbed_and_recorded() -> None:
@@ -476,7 +476,7 @@ async def test_a_refused_send_on_a_2_4_server_is_recorded_even_if_the_app_goes_o
         assert await raised_by(app, peer, scope) is None
     state = states[0]
     assert (state.disconnected, state.phase, state.bytes_sent) == (True, "mid_body", 0)
-    assert [log["event"] for log in logs] == ["client disconnected"]
+    assert [log["event"] for log in logs] == ["request_aborted"]
 
 
 async def test_a_server_send_that_is_a_callable_object_is_recognised() -> None:

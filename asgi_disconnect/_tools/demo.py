@@ -7,10 +7,12 @@ leave each request mid-flight are ``asgi_disconnect.testing``'s (``serve()``,
 ``live.request()``): each ``Outcome`` says when the handler returned and what the server
 logged, and the apps record the work they did after the client left. The app code is
 the same for all three: it uses the package only where a handler would, through
-``scope.get(SCOPE_KEY)``, which is ``None`` when the middleware is absent.
+``scope.get(SCOPE_KEY)``, which is ``None`` when the middleware is absent. Both wrapped
+modes count their aborts with ``asgi_disconnect.prometheus.AbortMetrics``; the demo ends
+by scraping the server's ``/metrics``, as Prometheus would.
 
-Needs uvicorn and Starlette (``pip install 'asgi-disconnect[demo]'``); SQLite is the
-standard library's.
+Needs uvicorn, Starlette and prometheus_client (``pip install 'asgi-disconnect[demo]'``);
+SQLite is the standard library's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 import structlog
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -39,6 +42,7 @@ from starlette.routing import Mount, Route
 from asgi_disconnect import SCOPE_KEY, DisconnectMiddleware, DisconnectState, guard_stream, shield
 from asgi_disconnect._loopback import HOST, request_bytes
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
+from asgi_disconnect.prometheus import AbortMetrics
 from asgi_disconnect.testing import Departure, Live, leave, serve
 
 MODES = ("bare", "observe", "cancel")
@@ -104,8 +108,9 @@ class _AsgiEndpoint:
         await self.app(scope, receive, send)
 
 
-def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
-    """The demo's server app: every scenario, bare and behind the middleware in both modes."""
+def build_apps(rec: Recorder, timing: Timing, db_path: Path, registry: CollectorRegistry) -> ASGIApp:
+    """The demo's server app: every scenario, bare and behind the middleware in both modes,
+    whose aborts ``registry`` counts (``GET /metrics``)."""
 
     async def llm_tokens(scope: Scope, receive: Receive, send: Send) -> None:
         # An LLM-style token stream as plain ASGI (as inference servers and small
@@ -210,11 +215,17 @@ def build_apps(rec: Recorder, timing: Timing, db_path: Path) -> ASGIApp:
         ]
     )
 
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    observed = AbortMetrics(registry, namespace="observe")
+    cancelled = AbortMetrics(registry, namespace="cancel")
     return Starlette(
         routes=[
+            Route("/metrics", metrics),
             Mount("/bare", app=scenarios),
-            Mount("/observe", app=DisconnectMiddleware(scenarios)),
-            Mount("/cancel", app=DisconnectMiddleware(scenarios, cancel=True)),
+            Mount("/observe", app=DisconnectMiddleware(scenarios, on_disconnect=[observed])),
+            Mount("/cancel", app=DisconnectMiddleware(scenarios, cancel=True, on_disconnect=[cancelled])),
         ]
     )
 
@@ -454,13 +465,19 @@ def report(
     )
 
 
-def _as_json(results: dict[str, dict[str, Result]], storm: dict[str, StormResult]) -> dict[str, Any]:
+def _as_json(results: dict[str, dict[str, Result]], storm: dict[str, StormResult], metrics: str) -> dict[str, Any]:
     return {
         "scenarios": {
             key: {mode: vars(result) for mode, result in by_mode.items()} for key, by_mode in results.items()
         },
         "storm": {mode: {**vars(r), "useful_per_second": r.useful_per_second} for mode, r in storm.items()},
+        "metrics": metrics,
     }
+
+
+def abort_counters(exposition: str) -> str:
+    """The abort counters of a ``/metrics`` page (its histograms left out: one line per bucket)."""
+    return "\n".join(line for line in exposition.splitlines() if "http_requests_aborted_total" in line)
 
 
 async def _demo(timing: Timing, out: Callable[[str], None], tables: bool) -> dict[str, Any]:
@@ -475,8 +492,9 @@ async def _demo(timing: Timing, out: Callable[[str], None], tables: bool) -> dic
         # serve() keeps the server's log lines; the middleware's structlog events are kept
         # here, counted instead of printed. A bare handler whose client has gone may still
         # run at the end.
+        registry = CollectorRegistry()
         with structlog.testing.capture_logs() as events:
-            async with serve(build_apps(rec, timing, db_path), stop_timeout=2) as live:
+            async with serve(build_apps(rec, timing, db_path, registry), stop_timeout=2) as live:
                 out(f"uvicorn {uvicorn.__version__} on {live.url}")
                 for scenario in scenarios:
                     out(f"  {scenario.title}:")
@@ -490,13 +508,19 @@ async def _demo(timing: Timing, out: Callable[[str], None], tables: bool) -> dic
                     out(f"  retry storm, {mode} ({timing.storm_seconds:g} s)...")
                     storm[mode] = await _storm(live.port, mode, timing, rec)
                     out(f"    {storm[mode].useful_per_second:.1f} useful responses/s")
+                scraped = await live.request(path="/metrics")
                 tracebacks = [line.message for line in live.server_log if line.traceback is not None]
         if tracebacks:
             out("the server logged: " + "; ".join(tracebacks[:3]))
+    metrics = abort_counters(scraped.body.decode())
     if tables:
         out("")
         out(report(results, scenarios, storm, timing))
-    return _as_json(results, storm)
+        out("")
+        out("GET /metrics, the abort counters (asgi_disconnect.prometheus.AbortMetrics, one per mode):")
+        out("")
+        out(metrics)
+    return _as_json(results, storm, metrics)
 
 
 def run_demo(*, quick: bool = False, as_json: bool = False) -> int:
