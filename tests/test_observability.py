@@ -322,6 +322,68 @@ async def test_the_request_id_the_app_bound_is_seen_on_every_path() -> None:
     assert structlog.contextvars.get_contextvars() == {}
 
 
+BODY = "http.response.body"
+TRAILERS: Message = {"type": "http.response.start", "status": 200, "headers": [], "trailers": True}
+
+
+@pytest.mark.parametrize(
+    ("messages", "refuse_last", "expected"),
+    [
+        pytest.param(
+            [START, {"type": BODY, "body": b"ab", "more_body": True}, {"type": BODY, "body": b"c", "more_body": True}]
+            + [{"type": BODY, "body": b""}],
+            False,
+            ("request_completed", 3, 3),
+            id="stream",
+        ),
+        pytest.param(
+            [TRAILERS, {"type": BODY, "body": b"abc"}, {"type": "http.response.trailers", "headers": []}],
+            False,
+            ("request_completed", 3, 1),
+            id="trailers",
+        ),
+        pytest.param(
+            [START, {"type": "http.response.pathsend", "path": "/etc/hostname"}],
+            False,
+            ("request_completed", 0, 1),
+            id="pathsend",
+        ),
+        pytest.param(
+            [START, {"type": BODY, "body": b"ab", "more_body": True}, {"type": BODY, "body": b"cd"}],
+            True,
+            ("request_aborted", 2, 1),
+            id="refused-final",
+        ),
+        pytest.param(
+            [START, {"type": BODY, "body": b"ab", "more_body": True}, {"type": BODY, "body": b"cd", "more_body": True}],
+            True,
+            ("request_aborted", 2, 1),
+            id="refused-chunk",
+        ),
+    ],
+)
+async def test_bytes_and_chunks_count_what_the_server_accepted(
+    messages: list[Message], refuse_last: bool, expected: tuple[str, int, int]
+) -> None:
+    """Body messages, the final one included, a pathsend as one; a message an ASGI 2.4 server refused counts nothing."""
+    peer = Peer()
+    scope = http_scope(asgi={"version": "3.0", "spec_version": "2.4"})
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        for n, message in enumerate(messages):
+            if refuse_last and n == len(messages) - 1:
+                peer.send_error = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+            try:
+                await send(message)
+            except OSError:
+                return  # a 2.4-aware app that stops
+
+    with capture_logs() as logs, anyio.fail_after(5):
+        await DisconnectMiddleware(app, log_completed=True)(scope, peer.receive, peer.send)
+    (event,) = logs
+    assert (event["event"], event["bytes_sent"], event["chunks_sent"]) == expected
+
+
 async def test_the_level_is_configurable() -> None:
     """``log_level`` by name or number; a bad one is refused at construction."""
     for level, name in (("warning", "warning"), (logging.ERROR, "error")):
