@@ -135,14 +135,14 @@ def read_first_response(sock: socket.socket, done: anyio.Event, timeout: float =
     raise AssertionError(f"no complete response nor close in {timeout} s after {len(data)} bytes: {data[:300]!r}")
 
 
-def probe_closed(sock: socket.socket) -> bool:
+def probe_closed(sock: socket.socket, timeout: float = READ_TIMEOUT) -> bool:
     """Is the connection closed? A second request on it tells: answered, or not."""
     try:
         sock.sendall(PROBE)
     except OSError:
         return True
     data = b""
-    deadline = time.monotonic() + READ_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         chunk = recv(sock, deadline)
         if chunk == b"":
@@ -153,9 +153,9 @@ def probe_closed(sock: socket.socket) -> bool:
     raise AssertionError(f"the probe got neither an answer nor a close: {data[:300]!r}")
 
 
-def received(data: bytes, eof: bool, sock: socket.socket) -> Received:
+def received(data: bytes, eof: bool, sock: socket.socket, timeout: float = READ_TIMEOUT) -> Received:
     status, headers, body, complete = parse(data)
-    return Received(status, headers, body, complete, eof or probe_closed(sock))
+    return Received(status, headers, body, complete, eof or probe_closed(sock, timeout))
 
 
 # -- one server, the app bare and wrapped ---------------------------------------------------------
@@ -461,10 +461,11 @@ def uploader(port: int, served: Served) -> Received:
             sock.sendall(b"0\r\n\r\n")
         except TimeoutError:
             pass  # the server stopped reading: its buffers and the sockets' are full
-        # The server parses 100,000 chunks of each of two uploads in the test's own loop:
-        # seconds on a busy machine, so a bound of its own.
+        # The server parses 100,000 chunks of each of two uploads in the test's own loop,
+        # and the rest of the upload before it answers the probe: seconds on a busy
+        # machine, so bounds of their own.
         data, eof = read_first_response(sock, served.done, UPLOAD_READ_TIMEOUT)
-        return received(data, eof, sock)
+        return received(data, eof, sock, UPLOAD_READ_TIMEOUT)
 
 
 @pytest.mark.parametrize("mode", WRAPPED)
@@ -485,7 +486,7 @@ async def test_unread_upload_of_one_byte_chunks_stays_bounded(uvicorn: Live, mod
     async def upload(name: str) -> None:
         got[name] = await anyio.to_thread.run_sync(uploader, uvicorn.port, uvicorn.variants[name])
 
-    with anyio.fail_after(UPLOAD_READ_TIMEOUT + 5):
+    with anyio.fail_after(2 * UPLOAD_READ_TIMEOUT + 5):
         async with anyio.create_task_group() as tg:  # side by side: the app sleeps 1 s in each
             for name in uvicorn.variants:
                 tg.start_soon(upload, name)
