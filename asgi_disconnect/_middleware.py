@@ -163,15 +163,14 @@ class DisconnectMiddleware:
         """What a request that left a stream open, lost its client or is logged ends with."""
         if request._streams:
             await request._close_streams()
-        if request.disconnected:
-            record = self._record_of(scope, app_scope, request)
-            request.record = record
-            emit(self.log_level, "request_aborted", record.as_dict())
-            await self._run_hooks(scope, request, record)
-        elif self.options.log_completed:
-            record = self._record_of(scope, app_scope, request)
-            request.record = record
+        if not (request.disconnected or self.options.log_completed):
+            return
+        record = request.record = self._record_of(scope, app_scope, request)
+        if not request.disconnected:
             emit(logging.DEBUG, "request_completed", record.as_dict())
+            return
+        emit(self.log_level, "request_aborted", record.as_dict())
+        await self._run_hooks(scope, request, record)
 
     def _record_of(self, scope: Scope, app_scope: Scope, request: Request) -> RequestRecord:
         now = time.monotonic()

@@ -33,7 +33,7 @@ from asgi_disconnect import ClientDisconnected, DisconnectMiddleware, Disconnect
 from asgi_disconnect._types import Message, Receive, Scope, Send
 from asgi_disconnect.testing import leave, serve, simulate
 
-from .peer import Peer, http_scope
+from .peer import Peer, abort_after, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -437,13 +437,17 @@ async def test_a_sequence_of_hooks_runs_in_order_and_a_failing_one_stops_none() 
     assert failed[0]["exc_info"] is True
 
 
-class StartBlocksUntilGone(Peer):
-    """A server whose send of the response's start blocks (a client that stopped reading)
+class BlocksUntilGone(Peer):
+    """A server whose send of one type of message blocks (a client that stopped reading)
     until it has delivered the client's departure; then it drops the message, as a server
     before ASGI 2.4 does."""
 
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
+        if message["type"] == self.kind:
             await self.gone.wait()
             await anyio.sleep(0.02)  # the disconnect, delivered at once, is read meanwhile
             return
@@ -455,7 +459,7 @@ async def test_a_start_still_being_sent_when_the_client_leaves_is_before_the_res
     send_timeout: float | None,
 ) -> None:
     """The client never had the start: phase ``before_response`` and no status, not ``mid_body``."""
-    peer = StartBlocksUntilGone()
+    peer = BlocksUntilGone("http.response.start")
     raised: list[BaseException] = []
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -466,14 +470,8 @@ async def test_a_start_still_being_sent_when_the_client_leaves_is_before_the_res
             raised.append(exc)
             raise
 
-    async def leave_soon() -> None:
-        await anyio.sleep(0.05)
-        peer.disconnect()
-
-    with capture_logs() as logs, anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(leave_soon)
-            await DisconnectMiddleware(app, send_timeout=send_timeout)(http_scope(), peer.receive, peer.send)
+    with capture_logs() as logs:
+        await abort_after(DisconnectMiddleware(app, send_timeout=send_timeout), peer)
     (event,) = events_named(logs, "request_aborted")
     assert (event["phase"], event["status"], event["detected_by"]) == ("before_response", None, "http.disconnect")
     assert "(before_response)" in str(raised[0])
@@ -483,28 +481,12 @@ async def test_a_send_after_the_start_still_under_way_is_mid_body() -> None:
     """The start was taken: a departure while a later message (a non-final zerocopysend,
     counted in no figure) is being sent is ``mid_body``, with the status."""
 
-    class BlocksAfterTheStart(Peer):
-        async def send(self, message: Message) -> None:
-            if message["type"] == "http.response.zerocopysend":
-                await self.gone.wait()
-                await anyio.sleep(0.02)
-                return
-            await super().send(message)
-
-    peer = BlocksAfterTheStart()
-
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send(START)
         await send({"type": "http.response.zerocopysend", "file": 0, "more_body": True})
 
-    async def leave_soon() -> None:
-        await anyio.sleep(0.05)
-        peer.disconnect()
-
-    with capture_logs() as logs, anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(leave_soon)
-            await DisconnectMiddleware(app)(http_scope(), peer.receive, peer.send)
+    with capture_logs() as logs:
+        await abort_after(DisconnectMiddleware(app), BlocksUntilGone("http.response.zerocopysend"))
     (event,) = events_named(logs, "request_aborted")
     assert (event["phase"], event["status"]) == ("mid_body", 200)
 
@@ -575,9 +557,14 @@ anyio.run(main)
 """
 
 
-def run_python(setup: str) -> subprocess.CompletedProcess[str]:
-    code = textwrap.dedent(setup) + ABORT
+def run_code(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter, where nothing of pytest's logging is set up."""
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+
+
+def run_python(setup: str) -> subprocess.CompletedProcess[str]:
+    """``setup``, then one request whose client leaves before the response (``ABORT``)."""
+    return run_code(textwrap.dedent(setup) + ABORT)
 
 
 def test_without_any_logging_configured_structlog_prints_the_event() -> None:
@@ -647,7 +634,7 @@ async def main():
 
 anyio.run(main)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    done = run_code(code)
     assert done.stdout.splitlines() == ["hook ran before_response", "exception: None"]
     assert "asgi_disconnect could not log 'request_aborted'" in done.stderr
     assert "RuntimeError: processor bug" in done.stderr
@@ -676,7 +663,7 @@ async def main():
 
 anyio.run(main)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    done = run_code(code)
     (line,) = done.stdout.splitlines()
     assert 'path="/x\\nERROR forged line\\u001b[2J"' in line
     assert "request_id=-" in line
