@@ -194,6 +194,15 @@ class _Running:
     async def run(self) -> None:
         try:
             await self.serve()
+        except BaseExceptionGroup as group:
+            # hypercorn on trio raises a failed startup in a nursery's group; if serve() is
+            # giving up at that moment, the group also holds the cancellation of our task.
+            cancelled, failed = group.split(anyio.get_cancelled_exc_class())
+            if not isinstance(failed, Exception) or self.started():
+                raise
+            self.error = _sole(failed)
+            if cancelled is not None:
+                raise cancelled from None
         except (Exception, SystemExit) as exc:  # uvicorn exits when the lifespan startup fails
             if self.started():
                 raise

@@ -19,6 +19,8 @@ counts are taken under a lock.
   queries the database first, in the request's thread.
 - ``/tenant/busy/fast``: the same, the lookup taking ``BUSY_LOOKUP`` seconds (a busy
   database; a server under load delays the thread hop to ``request_started`` as much).
+- ``/report/<year>``: README's async view: it names its route for the abort's record and
+  awaits an upstream for ``REPORT`` seconds, which Django cancels when the client leaves.
 - ``/order/async?order=N``: the same transaction in an async view, entered and left
   through ``sync_to_async`` so that the slow work is an ``await`` inside the block.
 
@@ -45,6 +47,7 @@ from django.db import connection, transaction  # type: ignore[import-untyped]
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse  # type: ignore[import-untyped]
 from django.urls import path  # type: ignore[import-untyped]
 
+from asgi_disconnect import DisconnectState, disconnect_state
 from asgi_disconnect._types import ASGIApp
 
 SLOW = 0.05
@@ -52,6 +55,7 @@ STREAM_CHUNKS = 300  # 3 s of stream at most: a test fails long before, if nothi
 STREAM_INTERVAL = 0.01
 WORK = 0.1  # the slow work inside the order transaction
 BUSY_LOOKUP = 0.2  # seconds a busy tenant lookup takes
+REPORT = 5.0  # the report's upstream: a test fails long before, if nothing stops it
 TABLE = "order_parts"
 
 
@@ -64,6 +68,7 @@ class Probe:
         self.stream_ended_at: list[float] = []
         self.tx_open = threading.Event()  # an order view holds its transaction open
         self.busy = 0  # sync work in progress in worker threads: a cancelled await does not stop it
+        self.states: list[DisconnectState] = []  # what the report views saw
 
     @contextlib.contextmanager
     def working(self) -> Iterator[None]:
@@ -83,6 +88,7 @@ class Probe:
         with self.lock:
             self.counts.clear()
             self.stream_ended_at.clear()
+            self.states.clear()
         self.tx_open.clear()
 
 
@@ -191,6 +197,18 @@ async def order_async(request: HttpRequest) -> HttpResponse:
     return HttpResponse(b"ordered", content_type="text/plain")
 
 
+async def report(request: HttpRequest, year: int) -> HttpResponse:
+    state = disconnect_state(request.scope)
+    state.route = request.resolver_match.route  # Django puts no route template in the scope
+    probe.states.append(state)
+    try:
+        await asyncio.sleep(REPORT)  # the upstream
+    except asyncio.CancelledError:
+        probe.add("report.cancelled")
+        raise
+    return HttpResponse(b"report %d" % year, content_type="text/plain")
+
+
 def tenant_lookup(sender: Any, scope: Any = None, **kwargs: Any) -> None:
     """A ``request_started`` receiver that queries the database for ``/tenant/`` paths."""
     if scope is not None and scope["path"].startswith("/tenant/"):
@@ -211,6 +229,7 @@ urlpatterns = [
     path("stream", stream),
     path("order/sync", order_sync),
     path("order/async", order_async),
+    path("reports/<int:year>/", report),
 ]
 
 _application: ASGIApp | None = None

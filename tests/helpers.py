@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Literal
 
+import anyio
 from _measure import Serve
 
 from asgi_disconnect.testing import serve
@@ -59,3 +61,22 @@ def recording(handler: Records, *names: str) -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeHandler(handler)
+
+
+async def settled(
+    snapshot: Callable[[], tuple[int, ...]], idle: Callable[[], bool], *, within: float, quiet: float
+) -> bool:
+    """Wait until ``snapshot()`` has not changed for ``quiet`` seconds while ``idle()`` holds:
+    the server side of a test has settled. False if it did not within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    last, since = snapshot(), time.monotonic()
+    for _ in range(int(within / 0.005) + 1):  # and at most ``within`` seconds
+        await anyio.sleep(0.005)
+        now, current = time.monotonic(), snapshot()
+        if current != last:
+            last, since = current, now
+        elif idle() and now - since >= quiet:
+            return True
+        if now > deadline:
+            break
+    return False

@@ -60,10 +60,12 @@ from django.db.backends.signals import connection_created  # type: ignore[import
 from asgi_disconnect import DisconnectMiddleware
 from asgi_disconnect._request import LISTEN_WINDOW
 from asgi_disconnect._types import ASGIApp, Receive, Scope, Send
+from asgi_disconnect.pytest_plugin import CapturedEvents
 
 from . import django_app
+from .compat import compat
 from .django_app import BUSY_LOOKUP, probe
-from .helpers import CLOSES, Close, Records, fetch, recording
+from .helpers import CLOSES, Close, Records, fetch, recording, settled
 from .servers import (
     Outermost,
     ServerKind,
@@ -74,7 +76,8 @@ from .servers import (
     run_server,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.server]
+# Every test here checks Django's lifecycle behind the middleware (README's table).
+pytestmark = [pytest.mark.anyio, pytest.mark.server, compat("django", "uvicorn-httptools", "lifecycle")]
 
 Mode = Literal["bare", "observe", "cancel"]
 MODES: tuple[Mode, ...] = ("bare", "observe", "cancel")
@@ -144,21 +147,18 @@ class Lifecycle:
 
     async def settle(self) -> None:
         """Wait (bounded) until every request has returned, no view works in a thread, and nothing moves any more."""
-        assert self.recorder is not None
-        deadline = time.monotonic() + SETTLE_WITHIN
-        last, since = self.snapshot(), time.monotonic()
-        while True:
-            await anyio.sleep(0.005)
-            now, current = time.monotonic(), self.snapshot()
-            if current != last:
-                last, since = current, now
-            elif self.recorder.started == self.recorder.ended and not probe.busy and now - since >= QUIET:
-                return
-            if now > deadline:
-                raise AssertionError(
-                    f"the server side did not settle within {SETTLE_WITHIN} s: {self.recorder.started} requests "
-                    f"started, {self.recorder.ended} returned, {probe.busy} views at work in threads"
-                )
+        recorder = self.recorder
+        assert recorder is not None
+        if not await settled(
+            self.snapshot,
+            lambda: recorder.started == recorder.ended and not probe.busy,
+            within=SETTLE_WITHIN,
+            quiet=QUIET,
+        ):
+            raise AssertionError(
+                f"the server side did not settle within {SETTLE_WITHIN} s: {recorder.started} requests "
+                f"started, {recorder.ended} returned, {probe.busy} views at work in threads"
+            )
 
     def check(self) -> None:
         """Every request_started paired, every body file and connection closed, nothing escaped or logged."""
@@ -364,7 +364,14 @@ MID_STREAM_TIMES = 5
 
 
 @pytest.mark.parametrize("how", CLOSES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "bare",
+        pytest.param("observe", marks=compat("django", "uvicorn-httptools", "mid_stream")),
+        pytest.param("cancel", marks=compat("django", "uvicorn-httptools", "cancel")),
+    ],
+)
 async def test_client_leaving_mid_stream_stops_generator_once(
     server: Server, django_asgi: ASGIApp, lifecycle: Lifecycle, mode: Mode, how: Close
 ) -> None:
@@ -423,3 +430,53 @@ async def test_client_leaving_mid_transaction_leaves_no_half_order(
     assert [rows[order] for order in range(ORDER_TIMES)] == [ORDER_PARTS[view]] * ORDER_TIMES, rows
     if view == "async":
         assert probe.counts["order.cancelled"] == probe.counts["order.rolled_back"] == ORDER_TIMES, probe.counts
+
+
+# -- 5. what the middleware adds: the state in the view, the abort's record -----------------
+
+
+@pytest.mark.parametrize("how", CLOSES)
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param("observe", marks=compat("django", "uvicorn-httptools", "before_response")),
+        pytest.param("cancel", marks=compat("django", "uvicorn-httptools", "cancel")),
+    ],
+)
+async def test_a_view_sees_the_departure_and_the_abort_names_its_route(
+    server: Server,
+    django_asgi: ASGIApp,
+    lifecycle: Lifecycle,
+    disconnect_events: CapturedEvents,
+    mode: Mode,
+    how: Close,
+) -> None:
+    """README's view: Django cancels it once when the client leaves; its state says the client
+    left before the response, and the abort is logged once with the Django route."""
+    async with serve(server, django_asgi, mode, lifecycle) as port:
+
+        def client() -> None:
+            with raw_connection(port) as sock:
+                sock.sendall(request_bytes("GET", "/reports/2026/"))
+                for _ in range(500):  # until the view runs: at most 5 s
+                    if probe.states:
+                        break
+                    time.sleep(0.01)
+                close(sock, how)
+
+        await anyio.to_thread.run_sync(client)
+
+    lifecycle.check()
+    [state] = probe.states
+    assert (state.disconnected, state.phase, state.route) == (True, "before_response", "reports/<int:year>/")
+    # Django stops the view itself, once, in both modes: the middleware does not cancel it again.
+    assert probe.counts["report.cancelled"] == 1
+    assert state.cancelled is False
+    [event] = disconnect_events
+    assert {key: event[key] for key in ("event", "path", "route", "phase", "cancelled")} == {
+        "event": "request_aborted",
+        "path": "/reports/2026/",
+        "route": "reports/<int:year>/",
+        "phase": "before_response",
+        "cancelled": False,
+    }

@@ -31,6 +31,7 @@ from asgi_disconnect._loopback import (
     CloseKind,
     ServerName,
     ServerStartError,
+    _Running,
     close,
     connect,
     free_port,
@@ -284,6 +285,38 @@ class Leftovers:
         assert asyncio.all_tasks() - self.tasks == set()
         assert set(threading.enumerate()) - self.threads == set()
         assert self._fds() == self.fds
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_start_failure_raised_as_serve_gives_up_is_still_a_start_failure() -> None:
+    """A server that fails its start in a group while serve() cancels it (hypercorn on trio,
+    a lifespan.startup.failed seen by serve() first): the failure is recorded, not raised,
+    and the cancellation still ends the task."""
+    entered = anyio.Event()
+
+    async def fails_as_it_is_cancelled() -> None:
+        async def startup() -> None:
+            try:
+                entered.set()
+                await anyio.sleep_forever()
+            finally:
+                raise LookupError("the database is down")  # the server's own startup failure
+
+        async with anyio.create_task_group() as tg:  # the server's own nursery
+            tg.start_soon(startup)
+            await anyio.sleep_forever()
+
+    running = _Running("server", fails_as_it_is_cancelled, lambda: False, lambda: None)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(running.run)
+            await entered.wait()
+            tg.cancel_scope.cancel()
+    assert running.ended
+    assert isinstance(running.error, LookupError)
+    failure = await running.wait_started(1.0)
+    assert failure is not None
+    assert str(failure) == "server did not start: LookupError: the database is down"
 
 
 def assert_refused(port: int) -> None:

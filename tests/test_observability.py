@@ -141,7 +141,9 @@ async def test_a_departure_before_the_response_is_one_event_with_every_field(can
     }
     assert (event["bytes_sent"], event["chunks_sent"], event["bytes_received"]) == (0, 0, 0)
     assert event["request_id"] == "req-7"
-    assert event["detected_after_ms"] >= 50  # the client left 50 ms after the app was called
+    # The client left 50 ms after the toolkit called the app; the middleware inside it took
+    # its arrival time a moment later (about a millisecond on a loaded machine).
+    assert 40 <= event["detected_after_ms"] <= event["duration_ms"]
     assert event["cleanup_ms"] >= 0
     assert event["duration_ms"] >= event["detected_after_ms"] + event["cleanup_ms"] - 0.01
     assert event["cancelled"] is False  # it returned at once: there was nothing to cancel
