@@ -49,6 +49,7 @@ from asgi_disconnect._loopback import (
     close,
     connect,
     free_port,
+    get,
     read_response,
     read_until,
     request_bytes,
@@ -222,21 +223,42 @@ AHEAD = 3  # cells started ahead: a start mostly waits on imports, and the tests
 
 @contextlib.contextmanager
 def serving(framework: str, server: str, directory: Path) -> Iterator[Live]:
-    """Run one cell's server process; stop it (by PID, its whole process group) on the way out."""
-    port = free_port()
-    live = Live(framework, server, port, directory / "server.log", directory / "sideband.jsonl")
-    live.output.touch()
-    with run_process(
-        server_argv(server, port),
-        port,
-        ready="/observe/fast",
-        output=live.output,
-        env=server_env(framework, server, live.sideband),
-        cwd=ROOT,
-        start_timeout=START_TIMEOUT,
-        stop_timeout=5,
-    ):
-        yield live
+    """Run one cell's server process; stop it (by PID, its whole process group) on the way out.
+
+    ``free_port()`` can hand out a port that another process of the run (a server the other
+    pytest worker starts) takes before this one binds it: then whatever answers there is not
+    this cell's server, and the cell starts again on another port.
+    """
+    for _ in range(PORT_TRIES):
+        port = free_port()
+        live = Live(framework, server, port, directory / "server.log", directory / "sideband.jsonl")
+        live.output.touch()
+        with run_process(
+            server_argv(server, port),
+            port,
+            ready="/observe/fast",
+            output=live.output,
+            env=server_env(framework, server, live.sideband),
+            cwd=ROOT,
+            start_timeout=START_TIMEOUT,
+            stop_timeout=5,
+        ) as proc:
+            if answered_by(proc.pid, port):
+                yield live
+                return
+    raise AssertionError(f"{server}/{framework}: another process answered on each of {PORT_TRIES} free ports")
+
+
+PORT_TRIES = 3
+
+
+def answered_by(group: int, port: int) -> bool:
+    """Whether ``GET /whoami`` on ``port`` is answered by a process of the process group ``group``."""
+    answer = get(port, "/whoami")
+    try:
+        return answer.status == 200 and os.getpgid(int(answer.body)) == group
+    except (ValueError, ProcessLookupError):
+        return False
 
 
 Cell = tuple[str, str]
