@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from django.urls import path  # type: ignore[import-untyped]
 
 from asgi_disconnect import DisconnectState, disconnect_state
 from asgi_disconnect._types import ASGIApp
+from tests.helpers import Counts
 
 SLOW = 0.05
 STREAM_CHUNKS = 300  # 3 s of stream at most: a test fails long before, if nothing stops it
@@ -59,12 +59,11 @@ REPORT = 5.0  # the report's upstream: a test fails long before, if nothing stop
 TABLE = "order_parts"
 
 
-class Probe:
+class Probe(Counts):
     """What the views did: counters, the moments streams ended, an open transaction."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counts: Counter[str] = Counter()
+        super().__init__()
         self.stream_ended_at: list[float] = []
         self.tx_open = threading.Event()  # an order view holds its transaction open
         self.busy = 0  # sync work in progress in worker threads: a cancelled await does not stop it
@@ -80,10 +79,6 @@ class Probe:
             with self.lock:
                 self.busy -= 1
 
-    def add(self, what: str) -> None:
-        with self.lock:
-            self.counts[what] += 1
-
     def reset(self) -> None:
         with self.lock:
             self.counts.clear()
@@ -93,16 +88,6 @@ class Probe:
 
 
 probe = Probe()
-
-
-async def cleanup(name: str) -> None:
-    """An async cleanup step (closing an upstream, say): did it complete, or was it cancelled again?"""
-    try:
-        await asyncio.sleep(0.001)
-    except asyncio.CancelledError:
-        probe.add(f"{name}.cancelled_again")
-        raise
-    probe.add(f"{name}.cleaned")
 
 
 def count_rows() -> int:
@@ -125,7 +110,7 @@ async def slow(request: HttpRequest) -> HttpResponse:
         await asyncio.sleep(SLOW)
     except asyncio.CancelledError:
         probe.add("slow.cancelled")
-        await cleanup("slow")
+        await probe.cleanup("slow")
         raise
     return HttpResponse(b"slow", content_type="text/plain")
 
@@ -158,7 +143,7 @@ async def chunks(count: int) -> AsyncIterator[bytes]:
         probe.add("stream.finally")
         with probe.lock:
             probe.stream_ended_at.append(time.monotonic())
-        await cleanup("stream")
+        await probe.cleanup("stream")
 
 
 async def stream(request: HttpRequest) -> StreamingHttpResponse:

@@ -6,10 +6,13 @@ A request whose client leaves is ``asgi_disconnect.testing``'s ``live.request(le
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -80,3 +83,24 @@ async def settled(
         if now > deadline:
             break
     return False
+
+
+class Counts:
+    """What a test project's views did, counted under a lock (they run in worker threads too)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] += 1
+
+    async def cleanup(self, name: str) -> None:
+        """An async cleanup step (closing an upstream, say): did it complete, or was it cancelled again?"""
+        try:
+            await asyncio.sleep(0.001)
+        except asyncio.CancelledError:
+            self.add(f"{name}.cancelled_again")
+            raise
+        self.add(f"{name}.cleaned")

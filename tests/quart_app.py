@@ -45,6 +45,7 @@ from quart.signals import (
 from quart.typing import ResponseReturnValue
 
 from asgi_disconnect import DisconnectState, disconnect_state
+from tests.helpers import Counts
 
 UPSTREAM = 3.0  # seconds the slow view's upstream takes: every test that leaves ends long before
 STREAM_CHUNKS = 300  # 3 s of stream at most: a test fails long before, if nothing stops it
@@ -55,21 +56,16 @@ def chunk(index: int) -> bytes:
     return b"chunk %04d\n" % index
 
 
-class Probe:
+class Probe(Counts):
     """What the views and hooks did: counters, chunk times, the states the requests carried."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counts: Counter[str] = Counter()
+        super().__init__()
         self.teardown_errors: Counter[str] = Counter()  # the exception each teardown_request was given
         self.teardown_saw: Counter[str] = Counter()  # what disconnect_state() said at teardown_request
         self.produced: list[float] = []  # time.monotonic() of each chunk a stream produced
         self.states: list[DisconnectState | None] = []
         self.upstream_waiting = threading.Event()  # a slow view waits on its upstream
-
-    def add(self, what: str) -> None:
-        with self.lock:
-            self.counts[what] += 1
 
     def reset(self) -> None:
         with self.lock:
@@ -85,16 +81,6 @@ probe = Probe()
 app = Quart(__name__)
 
 
-async def cleanup(name: str) -> None:
-    """An async cleanup step (closing an upstream, say): did it complete, or was it cancelled again?"""
-    try:
-        await asyncio.sleep(0.001)
-    except asyncio.CancelledError:
-        probe.add(f"{name}.cancelled_again")
-        raise
-    probe.add(f"{name}.cleaned")
-
-
 @app.route("/fast")
 async def fast() -> bytes:
     return b"fast"
@@ -108,7 +94,7 @@ async def slow() -> bytes:
         await asyncio.sleep(float(request.args.get("t", UPSTREAM)))
     except asyncio.CancelledError:
         probe.add("slow.cancelled")
-        await cleanup("slow")
+        await probe.cleanup("slow")
         raise
     probe.add("slow.completed")
     return b"slow"
@@ -134,7 +120,7 @@ async def chunks(count: int) -> AsyncIterator[bytes]:
         raise
     finally:
         probe.add("stream.finally")
-        await cleanup("stream")
+        await probe.cleanup("stream")
 
 
 @app.route("/stream")
@@ -176,7 +162,7 @@ async def until_gone(state: DisconnectState | None) -> AsyncIterator[bytes]:
         raise
     finally:
         probe.add("stream.finally")
-        await cleanup("stream")
+        await probe.cleanup("stream")
 
 
 @app.route("/stream/until-gone")

@@ -45,7 +45,7 @@ from asgi_disconnect._types import Receive, Scope, Send
 from asgi_disconnect.testing import serve
 from tests.compat import compat
 from tests.helpers import CLOSES, Close, fetch
-from tests.servers import close, free_port, raw_connection, request_bytes, run_process
+from tests.servers import close, free_port, raw_connection, request_bytes, run_process, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.server]
 
@@ -387,12 +387,6 @@ def new_run() -> tuple[str, Run]:
     return name, run
 
 
-async def wait(event: anyio.Event, what: str, within: float = WITHIN) -> None:
-    with anyio.move_on_after(within) as timer:
-        await event.wait()
-    assert not timer.cancel_called, f"{what}: not within {within} s"
-
-
 async def settled(nginx: Nginx, mark: int) -> str:
     """After an abort: a normal request through the same nginx completes byte-exact, and
     nginx logged no trouble of its own; return what it logged since ``mark``."""
@@ -437,10 +431,10 @@ async def test_client_leaves_before_the_response(nginx: Nginx, mode: Mode, how: 
     name, run = new_run()
     sock = await anyio.to_thread.run_sync(send_request, nginx.port, f"/{mode}/slow?run={name}")
     try:
-        await wait(run.called, "the handler was called through nginx")
+        await wait_for(run.called, "the handler was called through nginx", WITHIN)
     finally:
         left_at = await anyio.to_thread.run_sync(leave, sock, how)
-    await wait(run.returned, "the request ended after the client left")
+    await wait_for(run.returned, "the request ended after the client left", WITHIN)
 
     state = run.state
     assert state is not None
@@ -465,7 +459,7 @@ async def test_client_leaves_mid_stream(nginx: Nginx, mode: Mode, how: Close) ->
     left_at, body = await anyio.to_thread.run_sync(
         read_frames_then_leave, nginx.port, f"/{mode}/stream?run={name}", READ_CHUNKS, how
     )
-    await wait(run.returned, "the stream ended after the client left")
+    await wait_for(run.returned, "the stream ended after the client left", WITHIN)
 
     assert body.startswith(b"data: 0\n\ndata: 1\n\n")  # the chunks arrive as the app produced them
     state = run.state
@@ -498,10 +492,10 @@ async def test_proxy_ignore_client_abort_hides_the_departure(nginx: Nginx) -> No
     name, run = new_run()
     sock = await anyio.to_thread.run_sync(send_request, nginx.port, f"/ignore/slow?run={name}&seconds=0.3")
     try:
-        await wait(run.called, "the handler was called through nginx")
+        await wait_for(run.called, "the handler was called through nginx", WITHIN)
     finally:
         await anyio.to_thread.run_sync(leave, sock, "fin")
-    await wait(run.returned, "the request ended")
+    await wait_for(run.returned, "the request ended", WITHIN)
 
     assert run.state is not None and not run.state.disconnected
     assert run.upstream_finished and run.responded  # the whole 0.3 s, and the response sent
@@ -516,7 +510,7 @@ async def test_proxy_ignore_client_abort_ends_a_stream_on_a_failed_write(nginx: 
     name, run = new_run()
     path = f"/ignore/stream?run={name}&chunks=50"  # 1 s of stream at most
     left_at, _ = await anyio.to_thread.run_sync(read_frames_then_leave, nginx.port, path, READ_CHUNKS, "fin")
-    await wait(run.returned, "the stream ended")
+    await wait_for(run.returned, "the stream ended", WITHIN)
 
     state = run.state
     assert state is not None
@@ -541,7 +535,7 @@ async def test_a_response_being_cached_is_fetched_whole(nginx: Nginx) -> None:
     name, run = new_run()
     path = f"/cached/stream?run={name}&chunks=15"  # 0.3 s of stream
     await anyio.to_thread.run_sync(read_frames_then_leave, nginx.port, path, READ_CHUNKS, "fin")
-    await wait(run.returned, "the stream ended")
+    await wait_for(run.returned, "the stream ended", WITHIN)
 
     assert run.state is not None and not run.state.disconnected
     assert len(run.produced) == 15 and run.responded  # every chunk, and the end of the body
